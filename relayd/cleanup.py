@@ -1,0 +1,275 @@
+"""Between the SMTP server and the spool (Postfix: cleanup).
+
+Adds the trace and identity headers a relay owes (``Received:``, and
+``Message-ID:``/``Date:`` when the client left them out, as printers and
+scripts do and as Gmail then refuses), counts hops to stop mail loops,
+keeps every line within RFC 5322's 998 octets, and streams the result into
+the spool.  One ``CleanupMessage`` per message; the server sees only
+``ISubmissionSink``/``IMessageReceiver``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relayd.envelope import Envelope, QueuedMessage
+from relayd.errors import QueueFull, SMTPReply
+from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
+from relayd.queue.spool import Spool, SpoolWriter
+
+maillog = Logger(namespace="relayd.mail")
+
+#: RFC 5322 §2.1.1: at most 998 octets per line, CRLF excluded.
+MAX_LINE = 998
+#: How much of the start of a message is searched for the header section
+#: (Postfix header_size_limit is 100 KB; anything beyond is body).
+HEADER_LIMIT = 256 * 1024
+
+#: Messages up to this size are handed to the queue manager in memory as
+#: well as written to the spool, so the first delivery attempt need not
+#: read them back.
+KEEP_LIMIT = 256 * 1024
+
+_HEADER_SECTION = re.compile(
+    rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*"
+)
+_COUNTED = re.compile(rb"^(received|message-id|date)[ \t]*:", re.I | re.M)
+
+OnQueued = Callable[[QueuedMessage, "bytes | None"], None]
+
+
+def split_long_lines(data: bytes, column: int, header: bool) -> tuple[bytes, int]:
+    """Break lines longer than 998 octets (Postfix's smtp_line_length_limit).
+
+    Header lines are folded (CRLF SPACE, so the header continues); body lines
+    are split with CRLF.  ``column`` is the length of the unfinished line
+    that ``data`` continues; the new one is returned.
+    """
+    last = data.rfind(b"\n")
+    if last < 0:
+        if column + len(data) <= MAX_LINE:
+            return data, column + len(data)
+    else:
+        first = data.find(b"\n")
+        if (
+            column + first <= MAX_LINE + 1
+            and len(data) - last - 1 <= MAX_LINE
+            and (len(data) <= MAX_LINE or max(map(len, data.split(b"\n"))) <= MAX_LINE + 1)
+        ):
+            return data, len(data) - last - 1
+    out = []
+    for piece in data.splitlines(keepends=True):
+        body = piece.rstrip(b"\r\n")
+        end = piece[len(body) :]
+        while column + len(body) > MAX_LINE:
+            room = MAX_LINE - column
+            out.append(body[:room])
+            out.append(b"\r\n " if header else b"\r\n")
+            body = body[room:]
+            column = 1 if header else 0
+        out.append(body + end)
+        column = 0 if end else column + len(body)
+    return b"".join(out), column
+
+
+@implementer(ISubmissionSink)
+class Cleanup:
+    """Turns accepted SMTP transactions into spool files.
+
+    :param on_queued: told about each message once it is durable, with its
+        content when that is small enough to keep (saves the queue manager
+        reading it back).
+    :param queue_size: how many messages the spool holds now.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        hostname: str,
+        clock: IReactorTime,
+        on_queued: OnQueued,
+        queue_size: Callable[[], int],
+        max_hops: int = 50,
+        max_messages: int = 100_000,
+        min_free_disk: int = 0,
+    ) -> None:
+        self.spool = spool
+        self.hostname = hostname
+        self.clock = clock
+        self.on_queued = on_queued
+        self.queue_size = queue_size
+        self.max_hops = max_hops
+        self.max_messages = max_messages
+        self.min_free_disk = min_free_disk
+        self._disk_checked = -1.0
+        self._disk_ok = True
+
+    def check_capacity(self) -> None:
+        """452 4.3.1 at MAIL when the queue is full or the disk nearly so."""
+        if self.queue_size() >= self.max_messages:
+            raise QueueFull("Insufficient system storage (queue full)")
+        now = self.clock.seconds()
+        if self.min_free_disk and now - self._disk_checked >= 1.0:
+            self._disk_checked = now
+            try:
+                st = os.statvfs(self.spool.directory)
+                self._disk_ok = st.f_bavail * st.f_frsize >= self.min_free_disk
+            except OSError:
+                self._disk_ok = False
+        if not self._disk_ok:
+            raise QueueFull()
+
+    def open_message(
+        self,
+        session: ISession,
+        sender: str,
+        recipients: tuple[str, ...],
+        smtputf8: bool,
+        body: str | None,
+    ) -> CleanupMessage:
+        envelope = Envelope(
+            sender=sender,
+            recipients=recipients,
+            route=session.route,
+            arrival=self.clock.seconds(),
+            listener=session.listener,
+            client_address=session.client_address,
+            helo=session.helo,
+            user=session.user,
+            smtputf8=smtputf8,
+            body=body,
+        )
+        return CleanupMessage(self, session, self.spool.open_message(envelope), envelope)
+
+
+@implementer(IMessageReceiver)
+class CleanupMessage:
+    """One message: header section buffered until complete, then streamed."""
+
+    def __init__(
+        self, cleanup: Cleanup, session: ISession, writer: SpoolWriter, envelope: Envelope
+    ) -> None:
+        self._cleanup = cleanup
+        self._session = session
+        self._writer = writer
+        self._envelope = envelope
+        self._head: list[bytes] | None = []
+        self._head_size = 0
+        self._column = 0
+        self._keep: list[bytes] | None = []
+        self._hops = 0
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            self._head.append(data)
+            self._head_size += len(data)
+            if self._head_size < HEADER_LIMIT and not self._header_complete():
+                return
+            self._write_head(b"".join(self._head))
+            return
+        self._emit(data, header=False)
+
+    def _header_complete(self) -> bool:
+        """Has the header section visibly ended, so that it can be judged?
+
+        It has once a complete line follows the header lines: the blank
+        line, or a line that is not a header.
+        """
+        assert self._head is not None
+        data = self._head[0] if len(self._head) == 1 else b"".join(self._head)
+        self._head = [data]
+        end = _HEADER_SECTION.match(data).end()  # type: ignore[union-attr]
+        return data.find(b"\n", end) >= 0
+
+    def _write_head(self, data: bytes) -> None:
+        """Judge the header section, then write our headers and it."""
+        self._head = None
+        end = _HEADER_SECTION.match(data).end()  # type: ignore[union-attr]
+        section, rest = data[:end], data[end:]
+        found = [m.lower() for m in _COUNTED.findall(section)]
+        self._hops = found.count(b"received")
+        added = [self._received()]
+        now = datetime.fromtimestamp(self._envelope.arrival, timezone.utc)
+        if b"message-id" not in found:
+            added.append(
+                f"Message-ID: <{now:%Y%m%d%H%M%S}.{self._writer.queue_id}"
+                f"@{self._cleanup.hostname}>\r\n".encode()
+            )
+        if b"date" not in found:
+            added.append(f"Date: {format_datetime(now)}\r\n".encode())
+        # Content that does not begin with headers gets a blank line after
+        # ours, and headers run straight into a non-header line get one
+        # before it, as Postfix does: otherwise the first body line would be
+        # read as (broken) header.
+        if not section and not rest.startswith(b"\r\n"):
+            added.append(b"\r\n")
+        self._emit(b"".join(added), header=True)
+        if section:
+            self._emit(section, header=True)
+            if rest and not rest.startswith(b"\r\n"):
+                self._emit(b"\r\n", header=True)
+        if rest:
+            self._emit(rest, header=False)
+
+    def _received(self) -> bytes:
+        s = self._session
+        e = self._envelope
+        protocol = ("UTF8SMTP" if e.smtputf8 and s.protocol == "ESMTP" else s.protocol) + (
+            "A" if s.user else ""
+        )
+        helo = s.helo or "unknown"
+        for_clause = f"\r\n\tfor <{e.recipients[0]}>" if len(e.recipients) == 1 else ""
+        when = format_datetime(datetime.fromtimestamp(e.arrival, timezone.utc))
+        return (
+            f"Received: from {helo} ([{s.client_address}])\r\n"
+            f"\tby {self._cleanup.hostname} (relayd) with {protocol} id {self._writer.queue_id}"
+            f"{for_clause}; {when}\r\n"
+        ).encode("utf-8", "replace")
+
+    def _emit(self, data: bytes, header: bool) -> None:
+        data, self._column = split_long_lines(data, self._column, header)
+        self._writer.write(data)
+        self._size += len(data)
+        if self._keep is not None:
+            self._keep.append(data)
+            if self._size > KEEP_LIMIT:
+                self._keep = None
+
+    def finish(self) -> Deferred[str]:
+        if self._head is not None:
+            self._write_head(b"".join(self._head))
+        if self._hops > self._cleanup.max_hops:
+            self._writer.abort()
+            return fail(SMTPReply(554, "5.4.6", "Too many hops"))
+        if self._column:
+            # The last line must end in CRLF (RFC 5321 §4.1.1.4).
+            self._emit(b"\r\n", header=False)
+        keep = self._keep
+        d = self._writer.commit()
+
+        def queued(message: QueuedMessage) -> str:
+            e = message.envelope
+            maillog.info(
+                "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} listener={listener} "
+                "client=[{client}]" + (" user={user}" if e.user else ""),
+                queue_id=message.queue_id, sender=e.sender, size=e.size,
+                nrcpt=len(e.recipients), listener=e.listener, client=e.client_address,
+                user=e.user,
+            )
+            self._cleanup.on_queued(message, b"".join(keep) if keep is not None else None)
+            return message.queue_id
+
+        return d.addCallback(queued)
+
+    def abort(self) -> None:
+        self._writer.abort()

@@ -1,0 +1,88 @@
+"""The ``relayd`` command: run, check-config, --version.
+
+``relayd run`` is ``twistd -n relayd`` without depending on the plugin
+cache: the service maker is handed to twistd directly, so it works from a
+venv, an editable install or a Debian package alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import relayd
+from relayd.errors import ConfigError
+
+
+def _run(config_option: str | None) -> int:
+    from twisted.application.service import ServiceMaker
+    from twisted.scripts.twistd import ServerOptions, runApp
+
+    from relayd.tap import load_config
+
+    try:
+        load_config(config_option)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    maker = ServiceMaker("relayd", "relayd.tap", "relayd SMTP relay", "relayd")
+
+    class Options(ServerOptions):
+        _getPlugins = staticmethod(lambda interface: [maker])
+
+    argv = ["--nodaemon", "--pidfile=", "relayd"]
+    if config_option:
+        argv += ["--config", config_option]
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except SystemExit:
+        raise
+    except Exception as e:  # usage errors from relayd.tap.Options
+        print(e, file=sys.stderr)
+        return 1
+    try:
+        runApp(options)
+    except OSError as e:
+        # e.g. a port in use: the listener could not bind.
+        print(f"relayd: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(config_option: str | None) -> int:
+    from relayd.config import render
+    from relayd.tap import load_config
+
+    try:
+        config = load_config(config_option)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(render(config), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="relayd", description="SMTP relay: ESMTP in, durable spool, smarthost or maildir out."
+    )
+    parser.add_argument("--version", action="version", version=f"relayd {relayd.__version__}")
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in (("run", "run in the foreground (the default)"),
+                       ("check-config", "validate and print the effective config")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
+                       help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+    args = parser.parse_args(argv)
+    config_option = getattr(args, "sub_config", None) or args.config
+    if args.command == "check-config":
+        return _check_config(config_option)
+    return _run(config_option)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Delivery into a local maildir (``[route.NAME] maildir = DIR``).
+
+The file name comes from the queue id, not from the time of the attempt, so
+delivering the same message twice (a crash between delivery and dequeue)
+overwrites one file instead of making a second copy.  Files are written
+tmp/ -> fsync -> new/ -> fsync(new/) like any maildir writer that cares
+(qmail's maildir spec; Dovecot), with LF line ends as maildir readers expect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relayd.diskio import Batch, write_all
+from relayd.envelope import DeliveryResult, Envelope
+from relayd.errors import TransientDeliveryError
+from relayd.interfaces import ICourier
+
+log = Logger(namespace="relayd.courier")
+
+
+def _safe_hostname(hostname: str) -> str:
+    # The maildir spec: '/' and ':' cannot appear in the host part.
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+@implementer(ICourier)
+class MaildirCourier:
+    """Writes each message as one file in a maildir.
+
+    :param disk: the ``relayd.diskio`` writer that runs the blocking work;
+        deliveries in one batch share the fsync of ``new/``.
+    """
+
+    def __init__(self, directory: str, disk: Any, hostname: str | None = None) -> None:
+        self.directory = directory
+        self._disk = disk
+        self._host = _safe_hostname(hostname or socket.gethostname())
+        self._ready = False
+
+    @property
+    def relay(self) -> str:
+        return f"maildir:{self.directory}"
+
+    def file_name(self, queue_id: str, envelope: Envelope) -> str:
+        return f"{int(envelope.arrival)}.R{queue_id}.{self._host}"
+
+    def deliver(self, queue_id: str, envelope: Envelope, content: bytes) -> Deferred[DeliveryResult]:
+        name = self.file_name(queue_id, envelope)
+        trace = [f"Return-Path: <{envelope.sender}>\r\n".encode()]
+        trace += [f"X-Original-To: <{r}>\r\n".encode() for r in envelope.recipients]
+        data = b"".join(trace).replace(b"\r\n", b"\n") + content.replace(b"\r\n", b"\n")
+        d = self._disk.submit(lambda batch: self._write(batch, name, data))
+
+        def failed(failure: Any) -> None:
+            failure.trap(OSError)
+            self._ready = False
+            raise TransientDeliveryError(f"cannot write to maildir {self.directory}: "
+                                         f"{failure.value.strerror or failure.value}")
+
+        return d.addErrback(failed)
+
+    def _write(self, batch: Batch, name: str, data: bytes) -> DeliveryResult:
+        base = self.directory
+        new = os.path.join(base, "new", name)
+        if not self._ready:
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
+            self._ready = True
+        if os.path.exists(new) or os.path.exists(os.path.join(base, "cur", name + ":2,")):
+            return DeliveryResult(self.relay, "250 2.0.0 Ok: already delivered")
+        tmp = os.path.join(base, "tmp", name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, [data])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, new)
+        batch.sync_dir(os.path.join(base, "new"))
+        return DeliveryResult(self.relay, f"250 2.0.0 Ok: delivered as {name}")

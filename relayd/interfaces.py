@@ -1,0 +1,119 @@
+"""The seams between relayd's parts.
+
+The SMTP server only knows ``ISubmissionSink``; couriers only know
+``ICourier``'s contract; the queue manager drives an ``ISpool`` and an
+``IRetryPolicy``.  Each has an in-memory twin in ``relayd.testing``.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class ISession(Interface):
+    """What the SMTP server knows about a client when a transaction starts."""
+
+    listener = Attribute("The listener (tenant) name.")
+    client_address = Attribute("The client's IP address, as text.")
+    helo = Attribute("The HELO/EHLO argument, or ''.")
+    user = Attribute("The authenticated user name, or None.")
+    route = Attribute("The route name that delivers this listener's mail.")
+
+
+class IMessageReceiver(Interface):
+    """One message on its way into the spool.
+
+    The server feeds it content with dot-stuffing removed and line endings
+    normalised to CRLF, then calls ``finish`` or ``abort`` exactly once.
+    """
+
+    def write(data: bytes) -> None:
+        """Take the next piece of message content."""
+
+    def finish() -> object:
+        """Make the message durable.
+
+        :return: a Deferred firing with the queue id once the message is on
+            disk (fsynced, renamed, directory fsynced), or failing with
+            ``SMTPReply`` (e.g. 554 5.4.6 loop, 452 4.3.1 queue full) or any
+            other exception (answered 451 4.3.0).
+        """
+
+    def abort() -> None:
+        """Forget the message: the client went away or the data was refused."""
+
+
+class ISubmissionSink(Interface):
+    """Where the SMTP server hands accepted mail (Postfix: cleanup)."""
+
+    def check_capacity() -> None:
+        """Raise ``QueueFull`` when the spool should refuse mail at MAIL."""
+
+    def open_message(
+        session: ISession,
+        sender: str,
+        recipients: tuple[str, ...],
+        smtputf8: bool,
+        body: str | None,
+    ) -> IMessageReceiver:
+        """Start a message for an accepted envelope."""
+
+
+class ISpool(Interface):
+    """The durable queue on disk (Postfix: the queue directories)."""
+
+    def open_message(envelope: object) -> object:
+        """Start writing a new message; returns an ``ISpoolWriter`` whose
+        ``queue_id`` is already assigned (it goes into ``Received:``)."""
+
+    def recover() -> object:
+        """Clean up after a crash and list what is queued.
+
+        :return: Deferred firing with a list of ``QueuedMessage``.
+        """
+
+    def load(queue_id: str) -> object:
+        """Deferred firing with the message content (bytes, CRLF lines)."""
+
+    def defer(message: object) -> object:
+        """Persist a ``QueuedMessage``'s new retry state; Deferred."""
+
+    def remove(queue_id: str) -> object:
+        """Forget a message that has been delivered or bounced; Deferred."""
+
+
+class ISpoolWriter(Interface):
+    """A message being written into the spool."""
+
+    def write(data: bytes) -> None:
+        """Append content."""
+
+    queue_id = Attribute("The message's queue id, fixed when writing starts.")
+
+    def commit() -> object:
+        """Deferred firing with the ``QueuedMessage`` once it is durable."""
+
+    def abort() -> None:
+        """Discard what was written."""
+
+
+class ICourier(Interface):
+    """Delivers a message somewhere (Postfix: the smtp or local delivery agent)."""
+
+    def deliver(queue_id: str, envelope: object, content: bytes) -> object:
+        """Try to deliver.
+
+        :return: Deferred firing with a ``DeliveryResult``, or failing with
+            ``TransientDeliveryError`` (keep it queued) or
+            ``PermanentDeliveryError`` (bounce it).
+        """
+
+
+class IRetryPolicy(Interface):
+    """When to try a deferred message again, and when to give up."""
+
+    def next_delay(attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+
+    def expired(arrival: float, now: float) -> bool:
+        """True when a message that arrived at ``arrival`` is too old to keep."""

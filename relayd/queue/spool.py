@@ -1,0 +1,322 @@
+"""The spool: queued messages as files, made durable before the 250.
+
+Layout under the spool directory::
+
+    tmp/QID          being written; anything here at start is a leftover
+    messages/QID     one file per queued message: a JSON envelope line,
+                     then the content (CRLF lines, as received)
+    state/QID.json   retry state of a deferred or held message (absent for
+                     a message never tried)
+    corrupt/QID      files that could not be read, kept for a human
+
+One file per message means one fsync and one rename per message, and the
+directory fsync is shared by a whole batch (``relayd.diskio``).  The
+envelope never changes after the 250; what changes (attempts, next try,
+hold) goes to the small state file, rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Any
+
+from attrs import evolve
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relayd.diskio import Batch, InlineDiskWriter, fsync_dir, write_all
+from relayd.envelope import Envelope, QueuedMessage, QueueId, is_queue_id, new_queue_id
+from relayd.interfaces import ISpool, ISpoolWriter
+
+log = Logger(namespace="relayd.queue")
+
+FORMAT_VERSION = 1
+#: Content held in memory before it goes to the tmp file.  Most relay mail is
+#: far smaller, and for it the whole file is written by one writev at commit.
+SPILL_THRESHOLD = 1024 * 1024
+#: An envelope line longer than this is not ours (100 recipients of 2 KB
+#: each still fit).
+MAX_ENVELOPE_LINE = 4 * 1024 * 1024
+
+
+def _header(queue_id: QueueId, envelope: Envelope) -> bytes:
+    record = {"v": FORMAT_VERSION, "queue_id": queue_id, "envelope": envelope.to_json()}
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+class CorruptMessage(Exception):
+    """A queue file whose envelope cannot be read."""
+
+
+def read_envelope(f: Any, size: int) -> tuple[Envelope, int]:
+    """Parse the envelope line of an open queue file.
+
+    :return: the envelope (with ``size`` set) and the content's offset.
+    """
+    line = f.readline(MAX_ENVELOPE_LINE)
+    if not line.endswith(b"\n"):
+        raise CorruptMessage("no envelope line")
+    try:
+        record = json.loads(line)
+        if record.get("v") != FORMAT_VERSION:
+            raise CorruptMessage(f"unknown format version {record.get('v')!r}")
+        envelope = Envelope.from_json(record["envelope"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptMessage(f"bad envelope: {e}") from e
+    return evolve(envelope, size=size - len(line)), len(line)
+
+
+@implementer(ISpoolWriter)
+class SpoolWriter:
+    """One message on its way into ``messages/``."""
+
+    def __init__(self, spool: Spool, queue_id: QueueId, envelope: Envelope) -> None:
+        self._spool = spool
+        self.queue_id = queue_id
+        self._envelope = envelope
+        self._chunks: list[bytes] = [_header(queue_id, envelope)]
+        self._held = 0
+        self._size = 0
+        self._spilled = False
+        self._error: BaseException | None = None
+        self._done = False
+
+    @property
+    def _tmp(self) -> str:
+        return self._spool.path("tmp", self.queue_id)
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._held += len(data)
+        self._size += len(data)
+        if self._held >= SPILL_THRESHOLD:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Hand what is held to the disk thread; jobs run in order, so the
+        commit that follows sees every byte."""
+        chunks, self._chunks, self._held = self._chunks, [], 0
+        first = not self._spilled
+        self._spilled = True
+        tmp = self._tmp
+
+        def append(batch: Batch) -> None:
+            if self._error is not None:
+                return
+            try:
+                flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if first else 0)
+                fd = os.open(tmp, flags, 0o600)
+                try:
+                    write_all(fd, chunks)
+                finally:
+                    os.close(fd)
+            except BaseException as e:
+                self._error = e
+
+        self._spool.disk.submit(append)
+
+    def commit(self) -> Deferred[QueuedMessage]:
+        """Make the message durable; fires with its ``QueuedMessage``."""
+        self._done = True
+        chunks, self._chunks = self._chunks, []
+        spilled = self._spilled
+        tmp = self._tmp
+        final = self._spool.path("messages", self.queue_id)
+        messages_dir = self._spool.path("messages")
+        message = QueuedMessage(self.queue_id, evolve(self._envelope, size=self._size))
+
+        def commit(batch: Batch) -> QueuedMessage:
+            if self._error is not None:
+                raise self._error
+            flags = os.O_WRONLY | (os.O_APPEND if spilled else os.O_CREAT | os.O_EXCL)
+            fd = os.open(tmp, flags, 0o600)
+            try:
+                write_all(fd, chunks)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if os.path.lexists(final):
+                os.unlink(tmp)
+                raise OSError(errno.EEXIST, "queue id already in use", final)
+            os.rename(tmp, final)
+            batch.sync_dir(messages_dir)
+            return message
+
+        d = self._spool.disk.submit(commit)
+        d.addErrback(self._cleanup_after_failure)
+        return d
+
+    def _cleanup_after_failure(self, failure: Any) -> Any:
+        self._spool.discard_tmp(self.queue_id)
+        return failure
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._chunks = []
+        if self._spilled:
+            self._spool.discard_tmp(self.queue_id)
+
+
+@implementer(ISpool)
+class Spool:
+    """The spool directory and the operations the queue manager needs."""
+
+    def __init__(self, directory: str, clock: IReactorTime, disk: Any = None) -> None:
+        self.directory = directory
+        self._clock = clock
+        self.disk = disk if disk is not None else InlineDiskWriter()
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)
+
+    def prepare(self) -> None:
+        """Create the directories (owner-only) if they are missing.
+
+        Synchronous: called once before listening, when blocking is fine.
+        """
+        for sub in ("", "tmp", "messages", "state", "corrupt"):
+            os.makedirs(self.path(sub), mode=0o700, exist_ok=True)
+
+    def writable(self) -> bool:
+        """Can we create files in the spool right now (readiness)?"""
+        return os.access(self.path("tmp"), os.W_OK | os.X_OK) and os.access(
+            self.path("messages"), os.W_OK | os.X_OK
+        )
+
+    def open_message(self, envelope: Envelope) -> SpoolWriter:
+        return SpoolWriter(self, new_queue_id(self._clock.seconds()), envelope)
+
+    def discard_tmp(self, queue_id: QueueId) -> None:
+        tmp = self.path("tmp", queue_id)
+
+        def unlink(batch: Batch) -> None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+        self.disk.submit(unlink).addErrback(
+            lambda f: log.failure("{queue_id}: cannot remove {path}", f, queue_id=queue_id,
+                                  path=tmp)
+        )
+
+    def recover(self) -> Deferred[list[QueuedMessage]]:
+        """Remove partial leftovers and list every queued message, oldest first."""
+        return self.disk.submit(lambda batch: self._recover())
+
+    def _recover(self) -> list[QueuedMessage]:
+        for name in os.listdir(self.path("tmp")):
+            try:
+                os.unlink(self.path("tmp", name))
+                log.info("removed partial queue file tmp/{name}", name=name)
+            except OSError as e:
+                log.warn("cannot remove tmp/{name}: {error}", name=name, error=e)
+        found: list[QueuedMessage] = []
+        present = set()
+        for name in os.listdir(self.path("messages")):
+            if not is_queue_id(name):
+                continue
+            try:
+                found.append(self._read(name))
+                present.add(name)
+            except (CorruptMessage, OSError, ValueError) as e:
+                log.error("{queue_id}: unreadable queue file moved to corrupt/: {error}",
+                          queue_id=name, error=e)
+                try:
+                    os.rename(self.path("messages", name), self.path("corrupt", name))
+                except OSError:
+                    pass
+        for name in os.listdir(self.path("state")):
+            qid = name.removesuffix(".json")
+            if qid not in present:
+                try:
+                    os.unlink(self.path("state", name))
+                except OSError:
+                    pass
+        found.sort(key=lambda m: (m.envelope.arrival, m.queue_id))
+        return found
+
+    def _read(self, queue_id: QueueId) -> QueuedMessage:
+        with open(self.path("messages", queue_id), "rb") as f:
+            envelope, _ = read_envelope(f, os.fstat(f.fileno()).st_size)
+        message = QueuedMessage(queue_id, envelope)
+        try:
+            with open(self.path("state", queue_id + ".json"), "rb") as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return message
+        return evolve(
+            message,
+            attempts=int(state.get("attempts", 0)),
+            next_attempt=float(state.get("next_attempt", 0.0)),
+            last_error=state.get("last_error"),
+            held=bool(state.get("held", False)),
+        )
+
+    def read(self, queue_id: QueueId) -> Deferred[QueuedMessage]:
+        """The envelope and state of one message (for the queue commands)."""
+        return self.disk.submit(lambda batch: self._read(queue_id))
+
+    def load(self, queue_id: QueueId) -> Deferred[bytes]:
+        """The content of a queued message."""
+
+        def load(batch: Batch) -> bytes:
+            with open(self.path("messages", queue_id), "rb") as f:
+                _, offset = read_envelope(f, 0)
+                return f.read()
+
+        return self.disk.submit(load)
+
+    def defer(self, message: QueuedMessage) -> Deferred[None]:
+        """Persist retry state, so a restart keeps attempts and back-off."""
+        state = json.dumps(
+            {
+                "attempts": message.attempts,
+                "next_attempt": message.next_attempt,
+                "last_error": message.last_error,
+                "held": message.held,
+            }
+        ).encode("utf-8")
+        final = self.path("state", message.queue_id + ".json")
+        tmp = self.path("tmp", message.queue_id + ".state")
+        state_dir = self.path("state")
+
+        def write_state(batch: Batch) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                write_all(fd, [state])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+            batch.sync_dir(state_dir)
+
+        return self.disk.submit(write_state)
+
+    def remove(self, queue_id: QueueId) -> Deferred[None]:
+        """Forget a delivered message.
+
+        No fsync: if the unlink is lost in a crash the message is delivered
+        again, which couriers make harmless (the maildir file name is the
+        queue id) or at worst a duplicate, never a loss.
+        """
+        message = self.path("messages", queue_id)
+        state = self.path("state", queue_id + ".json")
+
+        def unlink(batch: Batch) -> None:
+            os.unlink(message)
+            try:
+                os.unlink(state)
+            except FileNotFoundError:
+                pass
+
+        return self.disk.submit(unlink)
+
+
+__all__ = ["Spool", "SpoolWriter", "CorruptMessage", "read_envelope", "fsync_dir"]

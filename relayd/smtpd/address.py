@@ -1,0 +1,103 @@
+"""Envelope address syntax: paths in MAIL/RCPT and their parts.
+
+Postfix is lenient about envelope syntax (``strict_rfc821_envelopes = no``)
+and so is this: what matters for a relay is finding the path reliably,
+keeping it byte-exact (UTF-8 included) and never misreading where the domain
+is, because the relay decision and ``allowed_*`` patterns depend on it.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SOURCE_ROUTE = re.compile(r"^@[^:]*:")
+_FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>]")
+
+
+class AddressSyntaxError(ValueError):
+    """The text is not a path we can act on."""
+
+
+def parse_path(text: str) -> tuple[str, str]:
+    """Split ``<path> params`` (what follows ``FROM:``/``TO:``).
+
+    :return: ``(address, params_text)``; the address without angle brackets
+        and without any RFC 5321 source route (which servers ignore, §C).
+    """
+    text = text.lstrip(" ")
+    if text.startswith("<"):
+        end = _closing_bracket(text)
+        inner, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(" "):
+            raise AddressSyntaxError("junk after the path")
+    else:
+        # Postfix accepts a bare address without angle brackets.
+        inner, _, rest = text.partition(" ")
+        if not inner:
+            raise AddressSyntaxError("missing path")
+    address = _SOURCE_ROUTE.sub("", inner) if inner.startswith("@") else inner
+    _check(address)
+    return address, rest.strip(" ")
+
+
+def _closing_bracket(text: str) -> int:
+    quoted = False
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if quoted and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+        i += 1
+    raise AddressSyntaxError("unbalanced angle bracket or quote")
+
+
+def _check(address: str) -> None:
+    local, domain = split_address(address)
+    unquoted = local if not local.startswith('"') else ""
+    if _FORBIDDEN.search(unquoted) or (domain is not None and _FORBIDDEN.search(domain)):
+        raise AddressSyntaxError("invalid character in address")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in local):
+        raise AddressSyntaxError("control character in address")
+    if domain is not None and not domain:
+        raise AddressSyntaxError("empty domain")
+
+
+def split_address(address: str) -> tuple[str, str | None]:
+    """``(local_part, domain)`` split at the last ``@`` outside quotes.
+
+    A quoted local part may itself contain ``@`` (``"a@b"@example.org``); the
+    domain is what follows the last unquoted one, which is where the mail
+    is actually routed.
+    """
+    quoted = False
+    at = -1
+    i = 0
+    while i < len(address):
+        c = address[i]
+        if quoted and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "@" and not quoted:
+            at = i
+        i += 1
+    if at < 0:
+        return address, None
+    return address[:at], address[at + 1 :]
+
+
+def parse_params(text: str) -> list[tuple[str, str | None]]:
+    """ESMTP ``KEYWORD[=VALUE]`` parameters, keywords upper-cased."""
+    params = []
+    for word in text.split():
+        key, eq, value = word.partition("=")
+        if not key or not key.replace("-", "").isalnum() or not key.isascii():
+            raise AddressSyntaxError(f"bad parameter {word!r}")
+        params.append((key.upper(), value if eq else None))
+    return params

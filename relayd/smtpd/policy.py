@@ -1,0 +1,104 @@
+"""Who may relay what: the listener's restrictions as pure functions.
+
+relayd has no local domains, so the relay decision is about the *client*:
+trusted network or authenticated, or nobody gets a recipient accepted
+(Postfix's ``permit_mynetworks, permit_sasl_authenticated,
+reject_unauth_destination`` with empty ``relay_domains``).  The ``allowed_*``
+lists are checked only after that and can only narrow it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from attrs import frozen
+
+from relayd.config import ListenerConfig
+from relayd.errors import SMTPReply
+from relayd.smtpd.address import split_address
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    """``*@example.org``, ``app@example.org``, ``example.org`` (any user).
+
+    Only ``*`` is special; matching ignores case, as Postfix tables do.
+    """
+    text = text.strip().lower()
+    if "@" not in text:
+        text = "*@" + text
+    return re.compile("".join(".*" if c == "*" else re.escape(c) for c in text) + r"\Z", re.S)
+
+
+def _canonical(address: str) -> tuple[str, str, str | None]:
+    """Lower-cased ``local@domain`` for matching, plus its parts."""
+    local, domain = split_address(address)
+    if domain is None:
+        return local.lower(), local, None
+    domain = domain.lower().rstrip(".")
+    return f"{local.lower()}@{domain}", local, domain
+
+
+def _routing_in_local_part(local: str) -> bool:
+    """``user%host@``, ``host!user@``, ``"user@host"@``: mail the next hop may
+    route onwards to a domain other than the one we checked."""
+    return any(c in local for c in "%!@")
+
+
+@frozen
+class ListenerPolicy:
+    """The relay restrictions of one listener (tenant)."""
+
+    mynetworks: tuple[Network, ...]
+    allowed_senders: tuple[re.Pattern[str], ...]
+    allowed_recipients: tuple[re.Pattern[str], ...]
+
+    @classmethod
+    def from_config(cls, listener: ListenerConfig) -> ListenerPolicy:
+        return cls(
+            mynetworks=tuple(listener.mynetworks),
+            allowed_senders=tuple(_pattern(p) for p in listener.allowed_senders),
+            allowed_recipients=tuple(_pattern(p) for p in listener.allowed_recipients),
+        )
+
+    def trusted_client(self, host: str) -> bool:
+        """Is this client address in ``mynetworks``?  IPv4-mapped IPv6
+        addresses count as their IPv4 address."""
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.mynetworks)
+
+    def check_sender(self, sender: str, permitted: bool) -> None:
+        """Raise ``SMTPReply`` if a permitted client may not use this sender.
+
+        Clients that may not relay at all are refused at RCPT instead, as
+        Postfix does, so their MAIL is not judged here.
+        """
+        if not sender or not permitted or not self.allowed_senders:
+            return
+        key, _, _ = _canonical(sender)
+        if not _matches(self.allowed_senders, key):
+            raise SMTPReply(550, "5.7.1", f"<{sender}>: Sender address rejected: not allowed")
+
+    def check_recipient(self, recipient: str, permitted: bool) -> None:
+        """Raise ``SMTPReply`` unless this recipient may be relayed to."""
+        if not permitted:
+            raise SMTPReply(550, "5.7.1", f"<{recipient}>: Relay access denied")
+        if not self.allowed_recipients:
+            return
+        key, local, domain = _canonical(recipient)
+        if domain is None or _routing_in_local_part(local) or not _matches(
+            self.allowed_recipients, key
+        ):
+            raise SMTPReply(550, "5.7.1", f"<{recipient}>: Recipient address rejected: not allowed")
+
+
+def _matches(patterns: Iterable[re.Pattern[str]], key: str) -> bool:
+    return any(p.match(key) for p in patterns)

@@ -1,0 +1,534 @@
+"""The ESMTP server: relayd's own state machine (RFC 5321, 1870, 2920, 3463, 6152, 6531).
+
+Not ``twisted.mail.smtp.ESMTP``: that one executes pipelined lines while an
+asynchronous check is pending, turns an over-long DATA line into command mode
+and buffers without bound (see the design notes).  Here input is split in
+batches, processing stops while any reply is pending (so pipelined commands
+are answered strictly in order), DATA is a byte-stream transform that only
+``<CRLF>.<CRLF>`` can end, and every buffer, count and phase is bounded.
+
+The protocol never touches the spool: accepted mail goes to an
+``ISubmissionSink``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relayd.config import ListenerConfig
+from relayd.errors import SMTPReply
+from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
+from relayd.metrics import Metrics
+from relayd.smtpd.address import AddressSyntaxError, parse_params, parse_path
+from relayd.smtpd.datareader import DataReader
+from relayd.smtpd.policy import ListenerPolicy
+
+log = Logger(namespace="relayd.smtpd")
+maillog = Logger(namespace="relayd.mail")
+
+#: RFC 5321 §4.5.3.1.4: 512 octets including CRLF.
+COMMAND_LINE_LIMIT = 512
+#: MAIL and RCPT carry parameters (SIZE, BODY, SMTPUTF8, later DSN's ORCPT);
+#: Postfix's line_length_limit.
+PATH_LINE_LIMIT = 2048
+#: RFC 4954 §4: an AUTH line may carry a 12288-octet initial response.
+AUTH_LINE_LIMIT = 12288
+#: Pipelined input held while a reply is pending; beyond it reading stops
+#: (TCP back-pressure) rather than growing the buffer.
+PIPELINE_BUFFER_LIMIT = 64 * 1024
+#: Postfix smtpd_junk_command_limit: NOOP/VRFY/HELP/RSET before they count
+#: as errors.
+JUNK_COMMAND_LIMIT = 100
+
+COMMAND, DATA, CLOSING = "command", "data", "closing"
+
+_JUNK = frozenset({b"NOOP", b"VRFY", b"HELP", b"RSET"})
+
+
+@implementer(ISession)
+@define
+class Session:
+    """What is known about the client, handed to the sink with each message."""
+
+    listener: str
+    client_address: str
+    route: str
+    helo: str = ""
+    user: str | None = None
+    protocol: str = "SMTP"
+
+
+class SMTPServerFactory(ServerFactory):
+    """One per listener: its config, policy and where mail goes."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        hostname: str,
+        sink: ISubmissionSink,
+        clock: IReactorTime,
+        metrics: Metrics,
+    ) -> None:
+        self.listener = listener
+        self.hostname = hostname
+        self.sink = sink
+        self.clock = clock
+        self.metrics = metrics
+        self.policy = ListenerPolicy.from_config(listener)
+
+    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
+        p = SMTPServerProtocol(self)
+        p.factory = self
+        return p
+
+
+class SMTPServerProtocol(Protocol):
+    """One SMTP session."""
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self._f = factory
+        self._listener = factory.listener
+        self._buf = bytearray()
+        self._scan = 0
+        self._discarding = False
+        self._mode = COMMAND
+        self._waiting = False
+        self._paused_transport = False
+        self._errors = 0
+        self._junk = 0
+        self._idle: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+        self._session: Session | None = None
+        self._trusted = False
+        self._esmtp = False
+        self._reset_transaction()
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", "") or ""
+        self._session = Session(
+            listener=self._listener.name, client_address=host, route=self._listener.route
+        )
+        self._trusted = self._f.policy.trusted_client(host)
+        m = self._f.metrics
+        m.smtp_connections.labels(self._listener.name).inc()
+        m.smtp_connections_active.labels(self._listener.name).inc()
+        self._reply(220, None, f"{self._f.hostname} ESMTP relayd")
+        self._touch()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._mode = CLOSING
+        for call in (self._idle, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._deadline = None
+        if self._receiver is not None:
+            self._receiver.abort()
+            self._receiver = None
+        self._f.metrics.smtp_connections_active.labels(self._listener.name).dec()
+
+    @property
+    def _client(self) -> str:
+        return self._session.client_address if self._session else ""
+
+    @property
+    def _permitted(self) -> bool:
+        """May this client relay?  mynetworks, or an authenticated user."""
+        return self._trusted or (self._session is not None and self._session.user is not None)
+
+    # -- timers ------------------------------------------------------------
+
+    def _touch(self) -> None:
+        """Restart the idle timer; called for each command and DATA chunk."""
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._listener.timeout)
+        elif self._mode != CLOSING:
+            self._idle = self._f.clock.callLater(self._listener.timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        log.info("timeout after {mode} from [{client}]", mode=self._mode, client=self._client)
+        self._close(421, "4.4.2", f"{self._f.hostname} Error: timeout exceeded")
+
+    def _close(self, code: int, enhanced: str, text: str) -> None:
+        if self._mode == CLOSING:
+            return
+        self._reply(code, enhanced, text)
+        self._mode = CLOSING
+        self._buf.clear()
+        self.transport.loseConnection()
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == DATA and not self._buf:
+            self._data_received(data)
+            return
+        if self._mode == CLOSING:
+            return
+        self._buf += data
+        self._process()
+
+    def _process(self) -> None:
+        """Answer complete command lines until one needs to wait."""
+        while self._mode == COMMAND and not self._waiting:
+            line = self._next_line()
+            if line is None:
+                break
+            self._touch()
+            self._dispatch(line)
+        if self._mode == DATA and self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            self._data_received(data)
+        elif self._waiting and len(self._buf) > PIPELINE_BUFFER_LIMIT:
+            if not self._paused_transport:
+                self._paused_transport = True
+                self.transport.pauseProducing()
+        elif self._paused_transport and not self._waiting:
+            self._paused_transport = False
+            self.transport.resumeProducing()
+
+    def _line_limit(self) -> int:
+        head = bytes(self._buf[:5]).upper()
+        if head.startswith(b"AUTH"):
+            return AUTH_LINE_LIMIT
+        if head.startswith((b"MAIL ", b"RCPT ")):
+            return PATH_LINE_LIMIT
+        return COMMAND_LINE_LIMIT
+
+    def _next_line(self) -> bytes | None:
+        """The next complete line without its CRLF, or None.
+
+        Over-long lines are dropped as they arrive (the buffer never holds
+        more than one limit's worth) and answered with 500 once they end.
+        """
+        while True:
+            idx = self._buf.find(b"\n", self._scan)
+            if idx < 0:
+                if self._discarding:
+                    self._buf.clear()
+                    self._scan = 0
+                elif len(self._buf) > self._line_limit():
+                    self._discarding = True
+                    self._buf.clear()
+                    self._scan = 0
+                else:
+                    self._scan = len(self._buf)
+                return None
+            limit = self._line_limit()
+            line = bytes(self._buf[:idx])
+            del self._buf[: idx + 1]
+            self._scan = 0
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if self._discarding or len(line) + 2 > limit:
+                self._discarding = False
+                self._error_reply(500, "5.5.2", "Line too long")
+                if self._mode != COMMAND:
+                    return None
+                continue
+            return line
+
+    # -- commands ------------------------------------------------------------
+
+    def _dispatch(self, line: bytes) -> None:
+        verb, _, arg = line.partition(b" ")
+        verb = verb.upper()
+        handler = self._COMMANDS.get(verb)
+        if handler is None:
+            self._error_reply(502, "5.5.2", "Error: command not recognized")
+            return
+        if verb in _JUNK:
+            self._junk += 1
+            if self._junk > JUNK_COMMAND_LIMIT:
+                self._count_error()
+                if self._mode != COMMAND:
+                    return
+        try:
+            result = handler(self, arg.strip(b" "))
+        except SMTPReply as e:
+            self._error_reply(e.code, e.enhanced, e.text)
+            return
+        if isinstance(result, Deferred):
+            self._waiting = True
+            result.addErrback(self._async_failed)
+            result.addBoth(self._resume)
+
+    def _async_failed(self, failure: Failure) -> None:
+        if failure.check(SMTPReply):
+            e = failure.value
+            self._error_reply(e.code, e.enhanced, e.text)
+        else:
+            log.failure("error in SMTP session from [{client}]", failure, client=self._client)
+            self._error_reply(451, "4.3.0", "Error: internal error")
+
+    def _resume(self, _: object) -> None:
+        self._waiting = False
+        if self._mode == COMMAND:
+            self._process()
+
+    def do_HELO(self, arg: bytes) -> None:
+        if not arg:
+            raise SMTPReply(501, "5.5.4", "Syntax: HELO hostname")
+        self._greet(arg, esmtp=False)
+        self._reply(250, None, self._f.hostname)
+
+    def do_EHLO(self, arg: bytes) -> None:
+        if not arg:
+            raise SMTPReply(501, "5.5.4", "Syntax: EHLO hostname")
+        self._greet(arg, esmtp=True)
+        lines = [
+            self._f.hostname,
+            "PIPELINING",
+            f"SIZE {self._listener.max_message_size}",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "SMTPUTF8",
+        ]
+        out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+        self.transport.write(("\r\n".join(out) + "\r\n").encode("ascii"))
+
+    def _greet(self, arg: bytes, esmtp: bool) -> None:
+        assert self._session is not None
+        self._session.helo = arg.decode("utf-8", "replace")[:255]
+        self._session.protocol = "ESMTP" if esmtp else "SMTP"
+        self._esmtp = esmtp
+        self._reset_transaction()
+
+    def do_MAIL(self, arg: bytes) -> None:
+        if self._sender is not None:
+            raise SMTPReply(503, "5.5.1", "Error: nested MAIL command")
+        text = self._decode(arg)
+        if text is None or text[:5].upper() != "FROM:":
+            raise SMTPReply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+        try:
+            sender, params_text = parse_path(text[5:])
+            params = parse_params(params_text)
+        except AddressSyntaxError:
+            raise SMTPReply(501, "5.1.7", "Bad sender address syntax") from None
+        smtputf8 = False
+        body = None
+        for key, value in params:
+            if key == "SIZE" and value is not None and value.isdigit() and len(value) < 20:
+                if int(value) > self._listener.max_message_size:
+                    raise SMTPReply(552, "5.3.4", "Message size exceeds fixed limit")
+            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+                body = value.upper()
+            elif key == "SMTPUTF8" and value is None:
+                smtputf8 = True
+            elif key in ("SIZE", "BODY", "SMTPUTF8"):
+                raise SMTPReply(501, "5.5.4", f"Bad {key} parameter syntax")
+            else:
+                raise SMTPReply(555, "5.5.4", f"Unsupported option: {key}")
+        if not smtputf8 and not sender.isascii():
+            raise SMTPReply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+        self._f.sink.check_capacity()
+        self._f.policy.check_sender(sender, self._permitted)
+        self._sender = sender
+        self._smtputf8 = smtputf8
+        self._body = body
+        self._reply(250, "2.1.0", "Ok")
+
+    def do_RCPT(self, arg: bytes) -> None:
+        if self._sender is None:
+            raise SMTPReply(503, "5.5.1", "Error: need MAIL command")
+        text = self._decode(arg)
+        if text is None or text[:3].upper() != "TO:":
+            raise SMTPReply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+        try:
+            recipient, params_text = parse_path(text[3:])
+            params = parse_params(params_text)
+        except AddressSyntaxError:
+            raise SMTPReply(501, "5.1.3", "Bad recipient address syntax") from None
+        if not recipient:
+            raise SMTPReply(501, "5.1.3", "Bad recipient address syntax")
+        for key, _ in params:
+            raise SMTPReply(555, "5.5.4", f"Unsupported option: {key}")
+        if not self._smtputf8 and not recipient.isascii():
+            raise SMTPReply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+        if len(self._recipients) >= self._listener.max_recipients:
+            # Not counted as an error: Postfix lets a client overshoot the
+            # limit (smtpd_recipient_overshoot_limit) and sends the rest later.
+            self._f.metrics.smtp_rejects.labels(self._listener.name, "452").inc()
+            self._reply(452, "4.5.3", "Error: too many recipients")
+            return
+        try:
+            self._f.policy.check_recipient(recipient, self._permitted)
+        except SMTPReply as e:
+            maillog.info(
+                "NOQUEUE: reject: RCPT from [{client}]: {code} {enhanced} {text}; "
+                "from=<{sender}> to=<{rcpt}> listener={listener} helo=<{helo}>",
+                client=self._client, code=e.code, enhanced=e.enhanced, text=e.text,
+                sender=self._sender, rcpt=recipient, listener=self._listener.name,
+                helo=self._session.helo if self._session else "",
+            )
+            raise
+        self._recipients.append(recipient)
+        self._reply(250, "2.1.5", "Ok")
+
+    def do_DATA(self, arg: bytes) -> None:
+        if self._sender is None:
+            raise SMTPReply(503, "5.5.1", "Error: need MAIL command")
+        if not self._recipients:
+            raise SMTPReply(554, "5.5.1", "Error: no valid recipients")
+        if arg:
+            raise SMTPReply(501, "5.5.4", "Syntax: DATA")
+        assert self._session is not None
+        self._receiver = self._f.sink.open_message(
+            self._session, self._sender, tuple(self._recipients), self._smtputf8, self._body
+        )
+        self._reader = DataReader(normalize=self._listener.bare_newline == "normalize")
+        self._size = 0
+        self._data_error = None
+        self._mode = DATA
+        self._deadline = self._f.clock.callLater(2 * self._listener.timeout, self._timed_out)
+        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def do_RSET(self, arg: bytes) -> None:
+        self._reset_transaction()
+        self._reply(250, "2.0.0", "Ok")
+
+    def do_NOOP(self, arg: bytes) -> None:
+        self._reply(250, "2.0.0", "Ok")
+
+    def do_VRFY(self, arg: bytes) -> None:
+        if not arg:
+            raise SMTPReply(501, "5.5.4", "Syntax: VRFY address")
+        self._reply(252, "2.0.0", "Cannot VRFY user; try RCPT to attempt delivery")
+
+    def do_HELP(self, arg: bytes) -> None:
+        self._reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+
+    def do_QUIT(self, arg: bytes) -> None:
+        self._close(221, "2.0.0", "Bye")
+
+    def do_BDAT(self, arg: bytes) -> None:
+        # Not advertised; answered here so the client's chunk is not read
+        # as commands (Postfix closes on BDAT when CHUNKING is off too).
+        self._close(421, "4.7.0", f"{self._f.hostname} Error: BDAT without CHUNKING")
+
+    _COMMANDS: dict[bytes, Callable[[SMTPServerProtocol, bytes], object]] = {
+        b"HELO": do_HELO,
+        b"EHLO": do_EHLO,
+        b"MAIL": do_MAIL,
+        b"RCPT": do_RCPT,
+        b"DATA": do_DATA,
+        b"RSET": do_RSET,
+        b"NOOP": do_NOOP,
+        b"VRFY": do_VRFY,
+        b"HELP": do_HELP,
+        b"QUIT": do_QUIT,
+        b"BDAT": do_BDAT,
+    }
+
+    def _decode(self, arg: bytes) -> str | None:
+        try:
+            return arg.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    # -- DATA ----------------------------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        self._touch()
+        content, rest = self._reader.feed(data)
+        if content and self._data_error is None:
+            self._size += len(content)
+            if self._size > self._listener.max_message_size:
+                self._refuse_data(SMTPReply(552, "5.3.4", "Error: message file too big"))
+            else:
+                assert self._receiver is not None
+                self._receiver.write(content)
+        if (
+            self._reader.bare_newline
+            and self._data_error is None
+            and self._listener.bare_newline == "reject"
+        ):
+            self._refuse_data(SMTPReply(554, "5.6.0", "Error: bare <CR> or <LF> received"))
+        if rest is not None:
+            self._mode = COMMAND
+            if self._deadline is not None and self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+            self._buf += rest
+            self._end_of_data()
+            self._process()
+
+    def _refuse_data(self, reply: SMTPReply) -> None:
+        self._data_error = reply
+        if self._receiver is not None:
+            self._receiver.abort()
+            self._receiver = None
+
+    def _end_of_data(self) -> None:
+        if self._data_error is not None:
+            e = self._data_error
+            self._reset_transaction()
+            self._error_reply(e.code, e.enhanced, e.text)
+            return
+        receiver, self._receiver = self._receiver, None
+        assert receiver is not None
+        self._waiting = True
+        d = receiver.finish()
+        d.addCallbacks(self._queued, self._not_queued)
+        d.addErrback(self._async_failed)
+        d.addBoth(self._resume)
+
+    def _queued(self, queue_id: str) -> None:
+        self._reset_transaction()
+        self._f.metrics.messages_received.labels(self._listener.name).inc()
+        self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _not_queued(self, failure: Failure) -> None:
+        self._reset_transaction()
+        if not failure.check(SMTPReply):
+            log.failure("queue file write error for [{client}]", failure, client=self._client)
+            self._error_reply(451, "4.3.0", "Error: queue file write error")
+            return
+        e = failure.value
+        self._error_reply(e.code, e.enhanced, e.text)
+
+    def _reset_transaction(self) -> None:
+        self._sender: str | None = None
+        self._recipients: list[str] = []
+        self._smtputf8 = False
+        self._body: str | None = None
+        receiver = getattr(self, "_receiver", None)
+        if receiver is not None:
+            receiver.abort()
+        self._receiver: IMessageReceiver | None = None
+        self._data_error: SMTPReply | None = None
+        self._size = 0
+
+    # -- replies -------------------------------------------------------------
+
+    def _reply(self, code: int, enhanced: str | None, text: str) -> None:
+        if self._mode == CLOSING:
+            return
+        line = f"{code} {enhanced} {text}\r\n" if enhanced else f"{code} {text}\r\n"
+        self.transport.write(line.encode("utf-8"))
+
+    def _error_reply(self, code: int, enhanced: str, text: str) -> None:
+        """A 4xx/5xx: counted, and too many of them end the session
+        (Postfix smtpd_hard_error_limit)."""
+        self._f.metrics.smtp_rejects.labels(self._listener.name, str(code)).inc()
+        self._reply(code, enhanced, text)
+        self._count_error()
+
+    def _count_error(self) -> None:
+        self._errors += 1
+        if self._errors >= self._listener.limits.max_errors_per_session:
+            self._close(421, "4.7.0", f"{self._f.hostname} Error: too many errors")

@@ -1,0 +1,236 @@
+"""twistd entry point: the one place where relayd's parts are wired together.
+
+Postfix's master starts smtpd, cleanup, qmgr and the delivery agents; here
+``makeService`` builds the same pipeline as Twisted services:
+listeners (SMTPServerFactory) -> Cleanup -> Spool <- QueueManager -> couriers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+import relayd
+from relayd.cleanup import Cleanup
+from relayd.config import DEFAULT_CONFIG_SOURCE, Config, load, load_default
+from relayd.courier.maildir import MaildirCourier
+from relayd.diskio import DiskWriter
+from relayd.errors import ConfigError
+from relayd.interfaces import ICourier
+from relayd.metrics import Metrics
+from relayd.qmgr import QueueManager
+from relayd.queue.schedule import RetrySchedule
+from relayd.queue.spool import Spool
+from relayd.smtpd.protocol import SMTPServerFactory
+from relayd.web import make_site
+
+log = Logger(namespace="relayd")
+
+
+def config_path(option: str | None) -> str | None:
+    """``--config``, else ``$RELAYD_CONFIG``, else None (the embedded default).
+
+    Never an implicit /etc path: the systemd units name theirs.
+    """
+    return option or os.environ.get("RELAYD_CONFIG") or None
+
+
+def load_config(option: str | None) -> Config:
+    path = config_path(option)
+    return load(path) if path else load_default()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    optParameters = [
+        ["config", "c", None,
+         "config file (default: $RELAYD_CONFIG, else the embedded try-it-now default)"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self.config = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def resolve_hostname(configured: str | None) -> str:
+    """The banner and EHLO name: the configured one, else the FQDN."""
+    if configured:
+        return configured
+    name = socket.getfqdn()
+    if name in ("localhost", "localhost.localdomain") or "." not in name:
+        fallback = socket.gethostname()
+        log.warn("hostname: the FQDN is {fqdn!r}; using {name!r} (set server.hostname)",
+                 fqdn=name, name=fallback)
+        return fallback
+    return name
+
+
+class ListenerService(Service):
+    """One SMTP (or HTTP) endpoint, bound before privileges are dropped.
+
+    Binding happens synchronously in ``privilegedStartService`` so that a
+    port in use or a bad address stops the start with an error instead of
+    leaving a half-running relay.
+    """
+
+    def __init__(self, name: str, description: str, factory: Any, reactor: Any) -> None:
+        self.name = name
+        self.description = description
+        self._factory = factory
+        self._reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is not None:
+            return
+        endpoint = serverFromString(self._reactor, self.description)
+        outcome: list[Any] = []
+        endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"{self.name}: {self.description} did not bind at once")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+        address = self.port.getHost()
+        log.info("{name} listening on {host}:{port}", name=self.name,
+                 host=getattr(address, "host", "?"), port=getattr(address, "port", "?"))
+
+    def startService(self) -> None:
+        self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+    @property
+    def address(self) -> str | None:
+        if self.port is None:
+            return None
+        a = self.port.getHost()
+        return f"{getattr(a, 'host', '?')}:{getattr(a, 'port', '?')}"
+
+
+class RelayService(MultiService):
+    """The whole relay; children are started in the order they are added."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.metrics = Metrics()
+        self.hostname = resolve_hostname(config.server.hostname)
+        self.started = reactor.seconds()
+        self.disk = DiskWriter(reactor)
+        self.spool = Spool(config.server.spool, reactor, self.disk)
+        couriers: dict[str, ICourier] = {}
+        for name, route in config.routes.items():
+            if route.maildir is not None:
+                couriers[name] = MaildirCourier(route.maildir, self.disk, self.hostname)
+        self.couriers = couriers
+        self.qmgr = QueueManager(
+            self.spool, couriers,
+            RetrySchedule(config.queue.retry, config.queue.lifetime),
+            reactor, self.metrics,
+            {name: route.concurrency for name, route in config.routes.items()},
+        )
+        self.cleanup = Cleanup(
+            self.spool, self.hostname, reactor,
+            on_queued=self.qmgr.queued, queue_size=self.qmgr.__len__,
+            max_hops=config.server.max_hops,
+            max_messages=config.queue.max_messages,
+            min_free_disk=config.queue.min_free_disk,
+        )
+        self.qmgr.setServiceParent(self)
+        self.listeners: list[ListenerService] = []
+        for listener in config.listeners:
+            factory = SMTPServerFactory(listener, self.hostname, self.cleanup, reactor,
+                                        self.metrics)
+            service = ListenerService(f"listener {listener.name}", listener.listen.description,
+                                      factory, reactor)
+            service.setServiceParent(self)
+            self.listeners.append(service)
+        self.http: ListenerService | None = None
+        if config.http.listen is not None:
+            site = make_site(self.status, self.metrics, self.qmgr.update_metrics)
+            self.http = ListenerService("http", config.http.listen.description, site, reactor)
+            self.http.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        self.spool.prepare()
+        self.disk.start()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.config.source == DEFAULT_CONFIG_SOURCE:
+            self._explain_default()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        d.addBoth(lambda _: self.disk.stop())
+        return d
+
+    def _explain_default(self) -> None:
+        outbox = [r.maildir for r in self.config.routes.values() if r.maildir]
+        log.info(
+            "relayd is running on its embedded default config (try-it-now, not production): "
+            "SMTP on {smtp} for this machine only, spool in {spool}, mail delivered into "
+            "{outbox}/new, status at http://{http}/status. "
+            "Try: swaks --server {smtp_host} --port {smtp_port} --to someone@example.org",
+            smtp=self.listeners[0].address, spool=os.path.abspath(self.config.server.spool),
+            outbox=os.path.abspath(outbox[0]) if outbox else "-",
+            http=self.http.address if self.http else "-",
+            smtp_host=(self.listeners[0].address or "127.0.0.1:1025").rsplit(":", 1)[0],
+            smtp_port=(self.listeners[0].address or "127.0.0.1:1025").rsplit(":", 1)[1],
+        )
+
+    def status(self) -> dict[str, Any]:
+        """Everything /status shows."""
+        routes = {}
+        states = self.qmgr.route_status()
+        for name, route in self.config.routes.items():
+            destination = (f"maildir:{route.maildir}" if route.maildir
+                           else ", ".join(f"{s.host}:{s.port}" for s in route.smarthost))
+            routes[name] = {"destination": destination, **states.get(name, {})}
+        return {
+            "version": relayd.__version__,
+            "hostname": self.hostname,
+            "uptime_seconds": self.reactor.seconds() - self.started,
+            "listeners": [
+                {
+                    "name": cfg.name,
+                    "listen": cfg.listen.description,
+                    "address": svc.address,
+                    "listening": svc.port is not None,
+                    "route": cfg.route,
+                }
+                for cfg, svc in zip(self.config.listeners, self.listeners)
+            ],
+            "spool": {"path": self.config.server.spool, "writable": self.spool.writable()},
+            "queue": self.qmgr.counts(),
+            "queue_oldest_age_seconds": self.qmgr.oldest_age(),
+            "routes": routes,
+        }
+
+
+def makeService(options: Options) -> RelayService:
+    from twisted.internet import reactor
+
+    return RelayService(options.config, reactor)
+
+
+__all__ = ["Options", "makeService", "RelayService", "load_config"]
