@@ -42,10 +42,12 @@ def _run(config_option: str | None) -> int:
     except Exception as e:  # usage errors from relayd.tap.Options
         print(e, file=sys.stderr)
         return 1
+    from twisted.internet.error import CannotListenError
+
     try:
         runApp(options)
-    except OSError as e:
-        # e.g. a port in use: the listener could not bind.
+    except (OSError, CannotListenError) as e:
+        # e.g. a port in use, or a spool directory we may not create.
         print(f"relayd: cannot start: {e}", file=sys.stderr)
         return 1
     return 0

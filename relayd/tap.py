@@ -172,7 +172,13 @@ class RelayService(MultiService):
     def privilegedStartService(self) -> None:
         self.spool.prepare()
         self.disk.start()
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            # Nothing was accepted yet; let the process exit instead of
+            # waiting on the disk thread.
+            self.disk.stop()
+            raise
 
     def startService(self) -> None:
         super().startService()

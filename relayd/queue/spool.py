@@ -184,10 +184,18 @@ class Spool:
             os.makedirs(self.path(sub), mode=0o700, exist_ok=True)
 
     def writable(self) -> bool:
-        """Can we create files in the spool right now (readiness)?"""
-        return os.access(self.path("tmp"), os.W_OK | os.X_OK) and os.access(
-            self.path("messages"), os.W_OK | os.X_OK
-        )
+        """Can we create a file in the spool right now (readiness)?
+
+        A real create and unlink, because permission bits say nothing when
+        running as root and nothing about a file system remounted read-only.
+        """
+        probe = self.path("tmp", f".probe-{os.getpid()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.unlink(probe)
+        except OSError:
+            return False
+        return os.path.isdir(self.path("messages"))
 
     def open_message(self, envelope: Envelope) -> SpoolWriter:
         return SpoolWriter(self, new_queue_id(self._clock.seconds()), envelope)

@@ -86,6 +86,8 @@ class SMTPServerFactory(ServerFactory):
         self.clock = clock
         self.metrics = metrics
         self.policy = ListenerPolicy.from_config(listener)
+        self.connections = 0
+        self.connections_per_ip: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         p = SMTPServerProtocol(self)
@@ -112,6 +114,8 @@ class SMTPServerProtocol(Protocol):
         self._session: Session | None = None
         self._trusted = False
         self._esmtp = False
+        self._counted = False
+        self._messages = 0
         self._reset_transaction()
 
     # -- connection ------------------------------------------------------
@@ -126,7 +130,23 @@ class SMTPServerProtocol(Protocol):
         m = self._f.metrics
         m.smtp_connections.labels(self._listener.name).inc()
         m.smtp_connections_active.labels(self._listener.name).inc()
-        self._reply(220, None, f"{self._f.hostname} ESMTP relayd")
+        f = self._f
+        f.connections += 1
+        f.connections_per_ip[host] = f.connections_per_ip.get(host, 0) + 1
+        self._counted = True
+        limits = self._listener.limits
+        if limits.max_connections is not None and f.connections > limits.max_connections:
+            m.smtp_rejects.labels(self._listener.name, "421").inc()
+            self._close(421, "4.7.0", f"{f.hostname} Error: too many connections")
+            return
+        if (
+            limits.max_connections_per_ip is not None
+            and f.connections_per_ip[host] > limits.max_connections_per_ip
+        ):
+            m.smtp_rejects.labels(self._listener.name, "421").inc()
+            self._close(421, "4.7.0", f"{f.hostname} Error: too many connections from {host}")
+            return
+        self._reply(220, None, f"{f.hostname} ESMTP relayd")
         self._touch()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -139,6 +159,16 @@ class SMTPServerProtocol(Protocol):
             self._receiver.abort()
             self._receiver = None
         self._f.metrics.smtp_connections_active.labels(self._listener.name).dec()
+        if self._counted:
+            self._counted = False
+            f = self._f
+            f.connections -= 1
+            host = self._client
+            left = f.connections_per_ip.get(host, 1) - 1
+            if left:
+                f.connections_per_ip[host] = left
+            else:
+                f.connections_per_ip.pop(host, None)
 
     @property
     def _client(self) -> str:
@@ -311,6 +341,11 @@ class SMTPServerProtocol(Protocol):
     def do_MAIL(self, arg: bytes) -> None:
         if self._sender is not None:
             raise SMTPReply(503, "5.5.1", "Error: nested MAIL command")
+        limit = self._listener.limits.max_messages_per_session
+        if limit is not None and self._messages >= limit:
+            self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
+            self._close(421, "4.7.0", f"{self._f.hostname} Error: too many messages in one session")
+            return
         text = self._decode(arg)
         if text is None or text[:5].upper() != "FROM:":
             raise SMTPReply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
@@ -489,6 +524,7 @@ class SMTPServerProtocol(Protocol):
 
     def _queued(self, queue_id: str) -> None:
         self._reset_transaction()
+        self._messages += 1
         self._f.metrics.messages_received.labels(self._listener.name).inc()
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
