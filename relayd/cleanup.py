@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from twisted.internet.defer import Deferred, fail
@@ -199,7 +199,7 @@ class CleanupMessage:
         found = [m.lower() for m in _COUNTED.findall(section)]
         self._hops = found.count(b"received")
         added = [self._received()]
-        now = datetime.fromtimestamp(self._envelope.arrival, timezone.utc)
+        now = datetime.fromtimestamp(self._envelope.arrival, UTC)
         if b"message-id" not in found:
             added.append(
                 f"Message-ID: <{now:%Y%m%d%H%M%S}.{self._writer.queue_id}"
@@ -229,7 +229,7 @@ class CleanupMessage:
         )
         helo = s.helo or "unknown"
         for_clause = f"\r\n\tfor <{e.recipients[0]}>" if len(e.recipients) == 1 else ""
-        when = format_datetime(datetime.fromtimestamp(e.arrival, timezone.utc))
+        when = format_datetime(datetime.fromtimestamp(e.arrival, UTC))
         return (
             f"Received: from {helo} ([{s.client_address}])\r\n"
             f"\tby {self._cleanup.hostname} (relayd) with {protocol} id {self._writer.queue_id}"
