@@ -44,6 +44,8 @@ _HEADER_SECTION = re.compile(
 )
 _COUNTED = re.compile(rb"^(received|message-id|date)[ \t]*:", re.I | re.M)
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 OnQueued = Callable[[QueuedMessage, "bytes | None"], None]
 
 
@@ -227,7 +229,7 @@ class CleanupMessage:
         protocol = ("UTF8SMTP" if e.smtputf8 and s.protocol == "ESMTP" else s.protocol) + (
             "A" if s.user else ""
         )
-        helo = s.helo or "unknown"
+        helo = _CONTROL.sub("?", s.helo) or "unknown"
         for_clause = f"\r\n\tfor <{e.recipients[0]}>" if len(e.recipients) == 1 else ""
         when = format_datetime(datetime.fromtimestamp(e.arrival, UTC))
         return (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -27,7 +27,12 @@ from relayd.errors import QueueFull
 from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
 from relayd.metrics import Metrics
 
+if TYPE_CHECKING:
+    from relayd.smtpd.protocol import SMTPServerProtocol
+
 __all__ = [
+    "BackpressureTransport",
+    "Conversation",
     "RecordedMessage",
     "RecordingReceiver",
     "RecordingSink",
@@ -228,13 +233,53 @@ def listener_config(**overrides: Any) -> ListenerConfig:
     return parse(listener_toml(**overrides), "<test>").listeners[0]
 
 
+class BackpressureTransport(StringTransport):
+    """A ``StringTransport`` whose write buffer pushes back as TCP's does.
+
+    Twisted's real transports call ``pauseProducing`` on a registered
+    streaming producer once more than ``bufferSize`` bytes wait to be sent,
+    and ``resumeProducing`` when the peer has read them.  ``StringTransport``
+    never does, so a test of what happens to a client that does not read its
+    replies needs this.  ``read()`` is the peer reading everything so far.
+    """
+
+    bufferSize = 64 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffered = 0
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.buffered += len(data)
+        if (
+            self.producer is not None
+            and self.streaming
+            and not self.producer_paused
+            and self.buffered > self.bufferSize
+        ):
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def read(self) -> bytes:
+        data = self.value()
+        self.clear()
+        self.buffered = 0
+        if self.producer_paused and self.producer is not None:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
 def smtp_server(
     client_ip: str = "127.0.0.1",
     listener: ListenerConfig | None = None,
     sink: RecordingSink | None = None,
     hostname: str = "relay.test",
+    transport_class: type[StringTransport] = StringTransport,
     **overrides: Any,
-) -> tuple[Any, StringTransport, Clock, RecordingSink, Metrics]:
+) -> tuple[SMTPServerProtocol, StringTransport, Clock, RecordingSink, Metrics]:
     """A connected server protocol on a ``StringTransport``.
 
     :return: ``(protocol, transport, clock, sink, metrics)``; the 220
@@ -259,7 +304,7 @@ def smtp_server(
         peer = IPv6Address("TCP", client_ip, 12345)
     else:
         peer = IPv4Address("TCP", client_ip, 12345)
-    transport = StringTransport(peerAddress=peer)
+    transport = transport_class(peerAddress=peer)
     protocol = factory.buildProtocol(peer)
     protocol.makeConnection(transport)
     return protocol, transport, clock, sink, metrics
@@ -270,3 +315,58 @@ def sample(metrics: Metrics, name: str, labels: Mapping[str, str] | None = None)
     value = metrics.registry.get_sample_value(name, dict(labels or {}))
     return 0.0 if value is None else value
 
+
+
+class Conversation:
+    """An SMTP client talking to :func:`smtp_server`, reply lines as text.
+
+    ``send`` feeds bytes (or text, encoded as UTF-8) and returns the reply
+    lines written since the last call, without their CRLF, so a test reads
+    like a transcript::
+
+        c = Conversation()
+        assert c.send("NOOP\\r\\n") == ["250 2.0.0 Ok"]
+    """
+
+    def __init__(self, client_ip: str = "127.0.0.1", **kwargs: Any) -> None:
+        (
+            self.protocol,
+            self.transport,
+            self.clock,
+            self.sink,
+            self.metrics,
+        ) = smtp_server(client_ip, **kwargs)
+        self.listener: ListenerConfig = self.protocol.factory.listener
+        self.greeting = self.replies()
+
+    def send(self, data: bytes | str) -> list[str]:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.protocol.dataReceived(data)
+        return self.replies()
+
+    def send_bytewise(self, data: bytes) -> list[str]:
+        """Feed one byte at a time, as a pathological client or network may."""
+        for i in range(len(data)):
+            self.protocol.dataReceived(data[i : i + 1])
+        return self.replies()
+
+    def replies(self) -> list[str]:
+        raw = self.transport.value()
+        self.transport.clear()
+        if isinstance(self.transport, BackpressureTransport):
+            self.transport.buffered = 0
+        assert not raw or raw.endswith(b"\r\n"), raw
+        return raw.decode("utf-8").split("\r\n")[:-1]
+
+    @property
+    def closed(self) -> bool:
+        """The server asked for the connection to be closed."""
+        return bool(self.transport.disconnecting)
+
+    def transaction(
+        self, sender: str = "sender@example.org", recipients: tuple[str, ...] = ("rcpt@example.net",)
+    ) -> list[str]:
+        """MAIL, RCPT... and DATA in one pipelined group; the replies."""
+        lines = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{r}>" for r in recipients] + ["DATA"]
+        return self.send("".join(line + "\r\n" for line in lines))

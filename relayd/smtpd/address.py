@@ -12,6 +12,7 @@ import re
 
 _SOURCE_ROUTE = re.compile(r"^@[^:]*:")
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>]")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 class AddressSyntaxError(ValueError):
@@ -58,13 +59,15 @@ def _closing_bracket(text: str) -> int:
 
 def _check(address: str) -> None:
     local, domain = split_address(address)
-    unquoted = local if not local.startswith('"') else ""
-    if _FORBIDDEN.search(unquoted) or (domain is not None and _FORBIDDEN.search(domain)):
-        raise AddressSyntaxError("invalid character in address")
+    unquoted = _QUOTED.sub("", local)
+    if '"' in unquoted or _FORBIDDEN.search(unquoted):
+        raise AddressSyntaxError("invalid character in local part")
+    if domain is not None and _FORBIDDEN.search(domain):
+        raise AddressSyntaxError("invalid character in domain")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in local):
         raise AddressSyntaxError("control character in address")
-    if domain is not None and not domain:
-        raise AddressSyntaxError("empty domain")
+    if domain is not None and (not domain or not local):
+        raise AddressSyntaxError("empty domain or local part")
 
 
 def split_address(address: str) -> tuple[str, str | None]:

@@ -51,7 +51,13 @@ JUNK_COMMAND_LIMIT = 100
 
 COMMAND, DATA, CLOSING = "command", "data", "closing"
 
-_JUNK = frozenset({b"NOOP", b"VRFY", b"HELP", b"RSET"})
+_JUNK = frozenset({b"NOOP", b"VRFY", b"HELP", b"RSET", b"HELO", b"EHLO"})
+
+
+def _printable(arg: bytes) -> bool:
+    """A HELO name we are willing to copy into Received: and the log: no
+    control characters (a bare CR there would inject a header downstream)."""
+    return bool(arg) and not any(b < 0x20 or b == 0x7F for b in arg)
 
 
 @implementer(ISession)
@@ -106,7 +112,12 @@ class SMTPServerProtocol(Protocol):
         self._discarding = False
         self._mode = COMMAND
         self._waiting = False
-        self._paused_transport = False
+        self._in_process = False
+        # Reading from the client stops while the transport cannot take our
+        # replies (a client that does not read) or while a reply is pending
+        # and too much pipelined input is already buffered.
+        self._replies_blocked = False
+        self._reading_paused = False
         self._errors = 0
         self._junk = 0
         self._idle: IDelayedCall | None = None
@@ -146,11 +157,13 @@ class SMTPServerProtocol(Protocol):
             m.smtp_rejects.labels(self._listener.name, "421").inc()
             self._close(421, "4.7.0", f"{f.hostname} Error: too many connections from {host}")
             return
+        self.transport.registerProducer(self, True)
         self._reply(220, None, f"{f.hostname} ESMTP relayd")
         self._touch()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._mode = CLOSING
+        self.connected = False
         for call in (self._idle, self._deadline):
             if call is not None and call.active():
                 call.cancel()
@@ -185,12 +198,46 @@ class SMTPServerProtocol(Protocol):
         """Restart the idle timer; called for each command and DATA chunk."""
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._listener.timeout)
-        elif self._mode != CLOSING:
+        elif self.connected:
             self._idle = self._f.clock.callLater(self._listener.timeout, self._timed_out)
 
+    # -- flow control (IPushProducer, registered with our transport) ---------
+
+    def pauseProducing(self) -> None:
+        self._replies_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._replies_blocked = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _update_reading(self) -> None:
+        pause = self._replies_blocked or (self._waiting and len(self._buf) > PIPELINE_BUFFER_LIMIT)
+        if pause != self._reading_paused and self.connected and self._mode != CLOSING:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
     def _timed_out(self) -> None:
+        if self._mode == CLOSING:
+            # Our last reply never drained (the client stopped reading).
+            self.transport.abortConnection()
+            return
         log.info("timeout after {mode} from [{client}]", mode=self._mode, client=self._client)
         self._close(421, "4.4.2", f"{self._f.hostname} Error: timeout exceeded")
+
+    def _suspend_timer(self) -> None:
+        """RFC 5321 §4.5.3.2.7 times the client, not us: no idle timeout
+        while we owe a reply (a slow commit must not become a 421 for a
+        message that is then queued anyway, and sent twice)."""
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
 
     def _close(self, code: int, enhanced: str, text: str) -> None:
         if self._mode == CLOSING:
@@ -199,37 +246,53 @@ class SMTPServerProtocol(Protocol):
         self._mode = CLOSING
         self._buf.clear()
         self.transport.loseConnection()
+        # If the client does not read, the close never completes: the next
+        # idle timeout aborts the connection.
+        self._touch()
 
     # -- input ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._mode == DATA and not self._buf:
-            self._data_received(data)
-            return
         if self._mode == CLOSING:
             return
-        self._buf += data
+        if self._mode == DATA and not self._buf and not self._in_process:
+            # The common case in DATA: no copy into the command buffer.
+            self._touch()
+            self._feed_data(data)
+        else:
+            self._buf += data
         self._process()
 
     def _process(self) -> None:
-        """Answer complete command lines until one needs to wait."""
-        while self._mode == COMMAND and not self._waiting:
-            line = self._next_line()
-            if line is None:
-                break
-            self._touch()
-            self._dispatch(line)
-        if self._mode == DATA and self._buf:
-            data = bytes(self._buf)
-            self._buf.clear()
-            self._data_received(data)
-        elif self._waiting and len(self._buf) > PIPELINE_BUFFER_LIMIT:
-            if not self._paused_transport:
-                self._paused_transport = True
-                self.transport.pauseProducing()
-        elif self._paused_transport and not self._waiting:
-            self._paused_transport = False
-            self.transport.resumeProducing()
+        """Answer what is buffered until a reply has to wait.
+
+        One loop, never re-entered: a Deferred that fires synchronously
+        (``_resume``) lets this loop continue instead of recursing, so any
+        number of pipelined messages costs no stack.
+        """
+        if self._in_process:
+            return
+        self._in_process = True
+        try:
+            while self._mode != CLOSING:
+                if self._mode == DATA:
+                    if not self._buf:
+                        break
+                    data = bytes(self._buf)
+                    self._buf.clear()
+                    self._touch()
+                    self._feed_data(data)
+                    continue
+                if self._waiting:
+                    break
+                line = self._next_line()
+                if line is None:
+                    break
+                self._touch()
+                self._dispatch(line)
+        finally:
+            self._in_process = False
+        self._update_reading()
 
     def _line_limit(self) -> int:
         head = bytes(self._buf[:5]).upper()
@@ -264,7 +327,7 @@ class SMTPServerProtocol(Protocol):
             self._scan = 0
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if self._discarding or len(line) + 2 > limit:
+            if self._discarding or idx + 1 > limit:
                 self._discarding = False
                 self._error_reply(500, "5.5.2", "Line too long")
                 if self._mode != COMMAND:
@@ -293,9 +356,14 @@ class SMTPServerProtocol(Protocol):
             self._error_reply(e.code, e.enhanced, e.text)
             return
         if isinstance(result, Deferred):
-            self._waiting = True
-            result.addErrback(self._async_failed)
-            result.addBoth(self._resume)
+            self._wait(result)
+
+    def _wait(self, d: Deferred[Any]) -> None:
+        """Hold further input until ``d`` has been answered."""
+        self._waiting = True
+        self._suspend_timer()
+        d.addErrback(self._async_failed)
+        d.addBoth(self._resume)
 
     def _async_failed(self, failure: Failure) -> None:
         if failure.check(SMTPReply):
@@ -307,17 +375,18 @@ class SMTPServerProtocol(Protocol):
 
     def _resume(self, _: object) -> None:
         self._waiting = False
-        if self._mode == COMMAND:
+        if self._mode != CLOSING:
+            self._touch()
             self._process()
 
     def do_HELO(self, arg: bytes) -> None:
-        if not arg:
+        if not _printable(arg):
             raise SMTPReply(501, "5.5.4", "Syntax: HELO hostname")
         self._greet(arg, esmtp=False)
         self._reply(250, None, self._f.hostname)
 
     def do_EHLO(self, arg: bytes) -> None:
-        if not arg:
+        if not _printable(arg):
             raise SMTPReply(501, "5.5.4", "Syntax: EHLO hostname")
         self._greet(arg, esmtp=True)
         lines = [
@@ -357,7 +426,7 @@ class SMTPServerProtocol(Protocol):
         smtputf8 = False
         body = None
         for key, value in params:
-            if key == "SIZE" and value is not None and value.isdigit() and len(value) < 20:
+            if key == "SIZE" and value and value.isascii() and value.isdigit() and len(value) < 20:
                 if int(value) > self._listener.max_message_size:
                     raise SMTPReply(552, "5.3.4", "Message size exceeds fixed limit")
             elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
@@ -477,8 +546,7 @@ class SMTPServerProtocol(Protocol):
 
     # -- DATA ----------------------------------------------------------------
 
-    def _data_received(self, data: bytes) -> None:
-        self._touch()
+    def _feed_data(self, data: bytes) -> None:
         content, rest = self._reader.feed(data)
         if content and self._data_error is None:
             self._size += len(content)
@@ -498,9 +566,9 @@ class SMTPServerProtocol(Protocol):
             if self._deadline is not None and self._deadline.active():
                 self._deadline.cancel()
             self._deadline = None
-            self._buf += rest
+            if rest:
+                self._buf[:0] = rest
             self._end_of_data()
-            self._process()
 
     def _refuse_data(self, reply: SMTPReply) -> None:
         self._data_error = reply
@@ -516,11 +584,9 @@ class SMTPServerProtocol(Protocol):
             return
         receiver, self._receiver = self._receiver, None
         assert receiver is not None
-        self._waiting = True
         d = receiver.finish()
         d.addCallbacks(self._queued, self._not_queued)
-        d.addErrback(self._async_failed)
-        d.addBoth(self._resume)
+        self._wait(d)
 
     def _queued(self, queue_id: str) -> None:
         self._reset_transaction()
