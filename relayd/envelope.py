@@ -104,13 +104,34 @@ class QueuedMessage:
     held: bool = False
 
 
+SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"
+
+
+@frozen
+class RecipientResult:
+    """What the destination said about one recipient.
+
+    :param status: ``sent``, ``deferred`` (try again later) or ``bounced``
+        (permanent: the sender gets a DSN).
+    :param reply: the reply as the mail log and the DSN show it, e.g.
+        ``550 5.1.1 <x@y>: Recipient address rejected``.
+    """
+
+    recipient: str
+    status: str
+    reply: str
+
+
 @frozen
 class DeliveryResult:
-    """A successful delivery: what the destination answered.
+    """The outcome of one delivery attempt that reached the destination.
 
     :param relay: where it went, as the mail log shows it (``smtp.x[1.2.3.4]:587``
         or ``maildir:/var/lib/relayd/outbox``).
+    :param recipients: per-recipient outcomes; empty means every recipient
+        was ``sent`` with ``reply``.
     """
 
     relay: str
     reply: str = field(default="250 2.0.0 Ok")
+    recipients: tuple[RecipientResult, ...] = ()
