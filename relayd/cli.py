@@ -79,11 +79,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+    queue = sub.add_parser("queue", help="list and manage queued mail (mailq/postsuper)")
+    queue.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
+                       help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+    qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    qlist = qsub.add_parser("list", help="every queued message: id, state, age, size, "
+                                         "sender, recipients, attempts, next retry, last error")
+    qlist.add_argument("--json", action="store_true", help="one JSON object per line")
+    qshow = qsub.add_parser("show", help="one message")
+    qshow.add_argument("id")
+    qshow.add_argument("--json", action="store_true")
+    for name, text in (("flush", "try deferred messages now (all when no ID is given)"),
+                       ("hold", "keep messages from delivery until released"),
+                       ("release", "release held messages"),
+                       ("delete", "remove messages without notice"),
+                       ("bounce", "return messages to their senders (DSN)")):
+        p = qsub.add_parser(name, help=text)
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("--all", action="store_true", help="every message in the queue")
+        p.add_argument("--sender", metavar="PATTERN",
+                       help="messages whose envelope sender matches (* wildcards)")
     args = parser.parse_args(argv)
     config_option = getattr(args, "sub_config", None) or args.config
     if args.command == "check-config":
         return _check_config(config_option)
+    if args.command == "queue":
+        return _queue(config_option, args)
     return _run(config_option)
+
+
+def _queue(config_option: str | None, args: argparse.Namespace) -> int:
+    from relayd.admin import AdminError, run
+    from relayd.tap import load_config
+
+    try:
+        config = load_config(config_option)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    command = args.queue_command
+    ids = [args.id] if command == "show" else list(getattr(args, "ids", []) or [])
+    everything = bool(getattr(args, "all", False)) or (command == "flush" and not ids
+                                                        and not getattr(args, "sender", None))
+    if command in ("hold", "release", "delete", "bounce") and not (
+        ids or everything or args.sender
+    ):
+        print(f"relayd queue {command}: name queue ids, --all or --sender PATTERN",
+              file=sys.stderr)
+        return 2
+    try:
+        return run(config, command, ids, everything, getattr(args, "sender", None),
+                   bool(getattr(args, "json", False)))
+    except AdminError as e:
+        print(f"relayd queue {command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

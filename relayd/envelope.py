@@ -94,6 +94,8 @@ class QueuedMessage:
     :param next_attempt: seconds since the epoch before which no attempt is
         made (0: at once).
     :param last_error: the reply of the last deferral, for ``queue list``.
+    :param done: recipients already delivered or bounced; the next attempt
+        is for the others only.
     """
 
     queue_id: QueueId
@@ -102,6 +104,7 @@ class QueuedMessage:
     next_attempt: float = 0.0
     last_error: str | None = None
     held: bool = False
+    done: tuple[str, ...] = ()
 
 
 SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"

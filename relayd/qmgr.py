@@ -4,13 +4,20 @@ Keeps every queued message's state in memory (the spool is the durable
 copy), hands ready messages to the route's courier with at most
 ``concurrency`` attempts in flight per route, and reschedules deferrals with
 the retry schedule through the injected clock.  A courier's verdict is all
-it looks at: success, transient or permanent.
+it looks at: per recipient sent, deferred or bounced; or the whole attempt
+transient or permanent.
+
+A bounce (RFC 3464 DSN to the envelope sender) is made durable in the spool
+*before* the original's recipients are marked done, so a crash between the
+two can at worst bounce twice, never lose the notice.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from attrs import evolve
@@ -20,8 +27,18 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.envelope import DeliveryResult, QueuedMessage, QueueId
-from relayd.errors import DeliveryError, TransientDeliveryError
+from relayd.bounce import build_dsn
+from relayd.envelope import (
+    BOUNCED,
+    DEFERRED,
+    SENT,
+    DeliveryResult,
+    Envelope,
+    QueuedMessage,
+    QueueId,
+    RecipientResult,
+)
+from relayd.errors import DeliveryError
 from relayd.interfaces import ICourier, IRetryPolicy, ISpool
 from relayd.metrics import Metrics
 
@@ -33,11 +50,19 @@ maillog = Logger(namespace="relayd.mail")
 MAX_CONTENT_IN_MEMORY = 1000
 
 
+def pending(message: QueuedMessage) -> tuple[str, ...]:
+    """The recipients still to be delivered."""
+    done = set(message.done)
+    return tuple(r for r in message.envelope.recipients if r not in done)
+
+
 class QueueManager(Service):
     """Delivers what the spool holds.
 
     :param couriers: one courier per route name.
     :param concurrency: attempts in flight per route.
+    :param jitter: deferral delays are spread by up to this fraction either
+        way, so a smarthost outage does not end in a thundering herd.
     """
 
     name = "qmgr"
@@ -50,6 +75,10 @@ class QueueManager(Service):
         clock: IReactorTime,
         metrics: Metrics,
         concurrency: Mapping[str, int],
+        hostname: str = "localhost",
+        bounce_from: str | None = None,
+        jitter: float = 0.0,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self._spool = spool
         self._couriers = dict(couriers)
@@ -57,12 +86,18 @@ class QueueManager(Service):
         self._clock = clock
         self._metrics = metrics
         self._concurrency = dict(concurrency)
+        self._hostname = hostname
+        self._bounce_from = bounce_from or f"MAILER-DAEMON@{hostname}"
+        self._jitter = jitter
+        self._rng = rng
         self._messages: dict[QueueId, QueuedMessage] = {}
         self._ready: dict[str, deque[tuple[QueuedMessage, bytes | None]]] = {}
         self._in_memory = 0
         self._active: dict[str, int] = {}
         self._timers: dict[QueueId, IDelayedCall] = {}
         self._in_flight: set[QueueId] = set()
+        # Admin requests that wait for the attempt in flight to finish.
+        self._after_attempt: dict[QueueId, str] = {}
         self._route_status: dict[str, dict[str, Any]] = {}
         self.recovered: Deferred[None] | None = None
         self._stopping = False
@@ -111,9 +146,18 @@ class QueueManager(Service):
         if delay <= 0:
             self._make_ready(message, None)
         else:
-            self._timers[message.queue_id] = self._clock.callLater(
-                delay, self._timer_fired, message.queue_id
-            )
+            self._set_timer(message.queue_id, delay)
+
+    def _set_timer(self, queue_id: QueueId, delay: float) -> None:
+        old = self._timers.pop(queue_id, None)
+        if old is not None and old.active():
+            old.cancel()
+        self._timers[queue_id] = self._clock.callLater(delay, self._timer_fired, queue_id)
+
+    def _cancel_timer(self, queue_id: QueueId) -> None:
+        timer = self._timers.pop(queue_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _timer_fired(self, queue_id: QueueId) -> None:
         self._timers.pop(queue_id, None)
@@ -135,10 +179,11 @@ class QueueManager(Service):
         ready = self._ready.get(route)
         limit = self._concurrency.get(route, 1)
         while ready and not self._stopping and self._active.get(route, 0) < limit:
-            message, content = ready.popleft()
+            queued, content = ready.popleft()
             if content is not None:
                 self._in_memory -= 1
-            if message.queue_id not in self._messages or message.queue_id in self._in_flight:
+            message = self._messages.get(queued.queue_id)
+            if message is None or message.held or message.queue_id in self._in_flight:
                 continue
             self._active[route] = self._active.get(route, 0) + 1
             self._in_flight.add(message.queue_id)
@@ -151,6 +196,9 @@ class QueueManager(Service):
         if isinstance(result, Failure):
             log.failure("{queue_id}: unexpected error in delivery", result,
                         queue_id=message.queue_id)
+        request = self._after_attempt.pop(message.queue_id, None)
+        if request is not None and message.queue_id in self._messages:
+            self._administer_one(request, message.queue_id)
         self._pump(route)
 
     # -- one attempt ----------------------------------------------------------
@@ -159,54 +207,69 @@ class QueueManager(Service):
         route = message.envelope.route
         courier = self._couriers.get(route)
         started = self._clock.seconds()
+        holder: dict[str, bytes] = {}
         if courier is None:
             d: Deferred[Any] = Deferred()
-            d.errback(TransientDeliveryError(f"no route named {route!r} in the configuration"))
+            d.errback(DeliveryError(f"no route named {route!r} in the configuration"))
         else:
             loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
-            d = loaded.addCallback(
-                lambda data: courier.deliver(message.queue_id, message.envelope, data)
-            )
+            envelope = evolve(message.envelope, recipients=pending(message))
+
+            def deliver(data: bytes) -> Deferred[DeliveryResult]:
+                holder["content"] = data
+                return courier.deliver(message.queue_id, envelope, data)  # type: ignore[no-any-return]
+
+            d = loaded.addCallback(deliver)
         d.addCallbacks(
             self._delivered, self._failed,
-            callbackArgs=(message, started), errbackArgs=(message, started),
+            callbackArgs=(message, started, holder), errbackArgs=(message, started, holder),
         )
         return d
 
-    def _delivered(self, result: DeliveryResult, message: QueuedMessage, started: float) -> Deferred[None]:
+    def _delivered(self, result: DeliveryResult, message: QueuedMessage, started: float,
+                   holder: dict[str, bytes]) -> Deferred[None]:
         route = message.envelope.route
         now = self._clock.seconds()
-        self._metrics.deliveries.labels(route, "sent").inc()
         self._metrics.delivery_seconds.labels(route).observe(now - started)
-        self._route_status[route] = {**self._route_status.get(route, {}), "last_success": now}
-        for recipient in message.envelope.recipients:
+        outcomes = result.recipients or tuple(
+            RecipientResult(r, SENT, result.reply) for r in pending(message)
+        )
+        for o in outcomes:
             maillog.info(
                 "{queue_id}: to=<{rcpt}> route={route} relay={relay} delay={delay:.2f} "
-                "status=sent ({reply})",
-                queue_id=message.queue_id, rcpt=recipient, route=route, relay=result.relay,
-                delay=now - message.envelope.arrival, reply=result.reply,
+                "status={status} ({reply})",
+                queue_id=message.queue_id, rcpt=o.recipient, route=route, relay=result.relay,
+                delay=now - message.envelope.arrival, status=o.status, reply=o.reply,
             )
-        d = self._spool.remove(message.queue_id)
+        sent = [o for o in outcomes if o.status == SENT]
+        bounced = [o for o in outcomes if o.status == BOUNCED]
+        deferred = [o for o in outcomes if o.status == DEFERRED]
+        if sent:
+            self._metrics.deliveries.labels(route, "sent").inc()
+            self._route_status[route] = {**self._route_status.get(route, {}), "last_success": now}
+        done = tuple(message.done) + tuple(o.recipient for o in sent)
+        d = self._bounce(message, bounced, holder.get("content"), remote=result.relay)
 
-        def removed(_: object) -> None:
-            self._messages.pop(message.queue_id, None)
-            maillog.info("{queue_id}: removed", queue_id=message.queue_id)
+        def settle(_: object) -> Deferred[None]:
+            current = evolve(self._messages.get(message.queue_id, message),
+                             done=done + tuple(o.recipient for o in bounced))
+            if not deferred:
+                return self._forget(current)
+            reason = deferred[0].reply
+            self._route_status[route] = {
+                **self._route_status.get(route, {}), "last_error": now, "last_error_reason": reason,
+            }
+            return self._defer(current, reason, now)
 
-        def not_removed(failure: Failure) -> None:
-            # Delivered but still on disk: forget it now; a restart would
-            # deliver it again, which the couriers make harmless.
-            self._messages.pop(message.queue_id, None)
-            log.failure("{queue_id}: delivered but not removed from the spool", failure,
-                        queue_id=message.queue_id)
+        return d.addCallback(settle)
 
-        return d.addCallbacks(removed, not_removed)
-
-    def _failed(self, failure: Failure, message: QueuedMessage, started: float) -> Deferred[None]:
+    def _failed(self, failure: Failure, message: QueuedMessage, started: float,
+                holder: dict[str, bytes]) -> Deferred[None]:
         route = message.envelope.route
         now = self._clock.seconds()
         if failure.check(DeliveryError):
-            reason = failure.value.reply
-            permanent = failure.value.permanent
+            reason = failure.value.reply  # type: ignore[union-attr]
+            permanent = failure.value.permanent  # type: ignore[union-attr]
         else:
             log.failure("{queue_id}: delivery attempt failed", failure, queue_id=message.queue_id)
             reason = f"local error: {failure.getErrorMessage()}"
@@ -215,33 +278,215 @@ class QueueManager(Service):
         self._route_status[route] = {
             **self._route_status.get(route, {}), "last_error": now, "last_error_reason": reason,
         }
-        attempts = message.attempts + 1
+        current = self._messages.get(message.queue_id, message)
+        recipients = pending(current)
         if permanent:
-            # Bounces (DSNs) are not built yet: hold the message for a human
-            # rather than drop it.
-            status, held, delay = "bounced", True, 0.0
-        else:
-            status, held, delay = "deferred", False, self._retry.next_delay(attempts)
-        self._metrics.deliveries.labels(route, status).inc()
-        updated = evolve(
-            message, attempts=attempts, next_attempt=now + delay, last_error=reason, held=held
-        )
+            for rcpt in recipients:
+                maillog.info("{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} "
+                             "status=bounced ({reason})", queue_id=message.queue_id, rcpt=rcpt,
+                             route=route, delay=now - message.envelope.arrival, reason=reason)
+            failed = [RecipientResult(r, BOUNCED, reason) for r in recipients]
+            return self._bounce(current, failed, holder.get("content")).addCallback(
+                lambda _: self._forget(current)
+            )
+        for rcpt in recipients:
+            maillog.info("{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} "
+                         "status=deferred ({reason})", queue_id=message.queue_id, rcpt=rcpt,
+                         route=route, delay=now - message.envelope.arrival, reason=reason)
+        return self._defer(current, reason, now)
+
+    def _defer(self, message: QueuedMessage, reason: str, now: float) -> Deferred[None]:
+        """Schedule the next attempt, or bounce what is left if it is too old."""
+        route = message.envelope.route
+        if self._retry.expired(message.envelope.arrival, now):
+            expired = [RecipientResult(r, BOUNCED, f"{reason} (message expired: delivery time "
+                                                   "exceeded)") for r in pending(message)]
+            for o in expired:
+                maillog.info("{queue_id}: to=<{rcpt}> route={route} status=expired ({reason})",
+                             queue_id=message.queue_id, rcpt=o.recipient, route=route,
+                             reason=reason)
+            return self._bounce(message, expired, None, status="4.4.7").addCallback(
+                lambda _: self._forget(message)
+            )
+        self._metrics.deliveries.labels(route, "deferred").inc()
+        attempts = message.attempts + 1
+        delay = self._retry.next_delay(attempts)
+        if self._jitter:
+            delay *= 1 + self._jitter * (2 * self._rng() - 1)
+        updated = evolve(message, attempts=attempts, next_attempt=now + delay, last_error=reason)
         self._messages[message.queue_id] = updated
-        for recipient in message.envelope.recipients:
-            maillog.info(
-                "{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} status={status} "
-                "({reason})" + (" held" if held else ""),
-                queue_id=message.queue_id, rcpt=recipient, route=route,
-                delay=now - message.envelope.arrival, status=status, reason=reason,
-            )
-        d = self._spool.defer(updated)
-        d.addErrback(lambda f: log.failure("{queue_id}: cannot save retry state", f,
+        if not updated.held and not self._stopping:
+            self._set_timer(message.queue_id, delay)
+        return self._save(updated)
+
+    def _save(self, message: QueuedMessage) -> Deferred[None]:
+        d = self._spool.defer(message)
+        d.addErrback(lambda f: log.failure("{queue_id}: cannot save queue state", f,
                                            queue_id=message.queue_id))
-        if not held and not self._stopping:
-            self._timers[message.queue_id] = self._clock.callLater(
-                delay, self._timer_fired, message.queue_id
-            )
         return d
+
+    def _forget(self, message: QueuedMessage) -> Deferred[None]:
+        """Every recipient is done: remove the message from the spool."""
+        qid = message.queue_id
+        self._cancel_timer(qid)
+        d = self._spool.remove(qid)
+
+        def removed(_: object) -> None:
+            self._messages.pop(qid, None)
+            maillog.info("{queue_id}: removed", queue_id=qid)
+
+        def not_removed(failure: Failure) -> None:
+            # Done but still on disk: forget it now; a restart would deliver
+            # it again, which the couriers make harmless.
+            self._messages.pop(qid, None)
+            log.failure("{queue_id}: done but not removed from the spool", failure,
+                        queue_id=qid)
+
+        return d.addCallbacks(removed, not_removed)
+
+    # -- bounces -------------------------------------------------------------------
+
+    def _bounce(self, message: QueuedMessage, failed: Sequence[RecipientResult],
+                content: bytes | None, remote: str | None = None,
+                status: str | None = None) -> Deferred[None]:
+        """Queue a DSN for ``failed`` recipients to the envelope sender.
+
+        Fires once the DSN is durable (or at once when there is nothing to
+        send); the caller marks the recipients done only after that.
+        """
+        if not failed:
+            return succeed(None)
+        route = message.envelope.route
+        self._metrics.deliveries.labels(route, "bounced").inc()
+        sender = message.envelope.sender
+        if not sender:
+            maillog.info("{queue_id}: bounce of a bounce not sent (null sender)",
+                         queue_id=message.queue_id)
+            return succeed(None)
+        if status is not None:
+            failed = [evolve(f, reply=_with_status(f.reply, status)) for f in failed]
+        loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
+        now = self._clock.seconds()
+
+        def build(data: bytes) -> Deferred[None]:
+            dsn = build_dsn(
+                queue_id=message.queue_id, envelope=message.envelope, failed=list(failed),
+                content=data, reporting_mta=self._hostname, bounce_from=self._bounce_from,
+                now=now, remote_mta=_host_of(remote),
+            )
+            envelope = Envelope(sender="", recipients=(sender,), route=route, arrival=now,
+                                listener="bounce", helo=self._hostname,
+                                smtputf8=message.envelope.smtputf8)
+            writer = self._spool.open_message(envelope)
+            writer.write(dsn)
+            d = writer.commit()
+
+            def queued(bounce: QueuedMessage) -> None:
+                maillog.info("{queue_id}: sender non-delivery notification: {bounce_id}",
+                             queue_id=message.queue_id, bounce_id=bounce.queue_id)
+                self.queued(bounce, dsn)
+
+            return d.addCallback(queued)
+
+        return loaded.addCallback(build)
+
+    # -- administration (relayd queue ...) ---------------------------------------
+
+    def listing(self) -> Iterator[dict[str, Any]]:
+        """One dict per message, oldest first, for ``relayd queue list``."""
+        for message in sorted(self._messages.values(), key=lambda m: m.envelope.arrival):
+            yield self.entry(message)
+
+    def entry(self, message: QueuedMessage) -> dict[str, Any]:
+        e = message.envelope
+        return {
+            "id": message.queue_id,
+            "state": self.state_of(message),
+            "arrival": e.arrival,
+            "age": self._clock.seconds() - e.arrival,
+            "size": e.size,
+            "sender": e.sender,
+            "recipients": list(pending(message)),
+            "attempts": message.attempts,
+            "next_attempt": message.next_attempt if message.queue_id in self._timers else None,
+            "last_error": message.last_error,
+            "route": e.route,
+            "listener": e.listener,
+        }
+
+    def state_of(self, message: QueuedMessage) -> str:
+        if message.held:
+            return "held"
+        if message.queue_id in self._timers:
+            return "deferred"
+        return "active"
+
+    def describe(self, queue_id: str) -> dict[str, Any] | None:
+        message = self._messages.get(queue_id)
+        return None if message is None else self.entry(message)
+
+    def select(self, ids: Sequence[str] | None, everything: bool,
+               sender: str | None) -> list[QueueId]:
+        """The queue ids a bulk request names (``--all``, ``--sender PATTERN``)."""
+        if everything:
+            return list(self._messages)
+        if sender is not None:
+            pattern = sender.lower()
+            return [q for q, m in self._messages.items()
+                    if fnmatch.fnmatchcase(m.envelope.sender.lower(), pattern)]
+        return [str(i) for i in ids or ()]
+
+    def administer(self, op: str, ids: Sequence[QueueId]) -> Deferred[list[QueueId]]:
+        """Apply ``op`` (flush, hold, release, delete, bounce) to each id.
+
+        For a message in mid-delivery, ``hold`` takes effect at once (the
+        attempt in flight finishes; if it defers, the message stays held),
+        and ``delete``/``bounce`` wait until the attempt is over, so a
+        message the smarthost has already taken is not also bounced.
+        """
+        affected: list[QueueId] = []
+        waits = []
+        for qid in ids:
+            if qid not in self._messages:
+                continue
+            affected.append(qid)
+            if qid in self._in_flight and op in ("delete", "bounce"):
+                self._after_attempt[qid] = op
+                continue
+            waits.append(self._administer_one(op, qid))
+        d: Deferred[Any] = succeed(None)
+        for w in waits:
+            d.addCallback(lambda _, w=w: w)
+        return d.addCallback(lambda _: affected)
+
+    def _administer_one(self, op: str, qid: QueueId) -> Deferred[None]:
+        message = self._messages[qid]
+        maillog.info("{queue_id}: {op} by the administrator", queue_id=qid, op=op)
+        if op == "hold":
+            self._cancel_timer(qid)
+            held = evolve(message, held=True)
+            self._messages[qid] = held
+            return self._save(held)
+        if op == "release":
+            released = evolve(message, held=False, next_attempt=0.0)
+            self._messages[qid] = released
+            d = self._save(released)
+            if qid not in self._in_flight:
+                self._make_ready(released, None)
+            return d
+        if op == "flush":
+            if not message.held and qid in self._timers:
+                self._cancel_timer(qid)
+                self._make_ready(message, None)
+            return succeed(None)
+        if op == "delete":
+            return self._forget(message)
+        if op == "bounce":
+            failed = [RecipientResult(r, BOUNCED, "550 5.0.0 message returned by the "
+                                      "administrator") for r in pending(message)]
+            return self._bounce(message, failed, None).addCallback(
+                lambda _: self._forget(message))
+        raise ValueError(f"unknown operation {op!r}")
 
     # -- views -------------------------------------------------------------------
 
@@ -264,3 +509,18 @@ class QueueManager(Service):
         for state, count in self.counts().items():
             self._metrics.queue_messages.labels(state).set(count)
         self._metrics.queue_oldest_age.set(self.oldest_age())
+
+
+def _host_of(relay: str | None) -> str | None:
+    """``smtp.x[1.2.3.4]:587`` -> ``smtp.x``: the Remote-MTA of a DSN."""
+    if not relay or relay.startswith("maildir:"):
+        return None
+    return relay.split("[", 1)[0].rsplit(":", 1)[0] or None
+
+
+def _with_status(reply: str, status: str) -> str:
+    """Put an enhanced status code (e.g. 4.4.7, expired) on a reply."""
+    parts = reply.split(" ", 2)
+    if len(parts) >= 2 and parts[0].isdigit() and parts[1][:1].isdigit() and "." in parts[1]:
+        return f"{parts[0]} {status} {parts[2] if len(parts) > 2 else ''}".rstrip()
+    return f"{status} {reply}"

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 import relayd
 from relayd.cleanup import Cleanup
 from relayd.config import DEFAULT_CONFIG_SOURCE, Config, load, load_default
+from relayd.control import ControlFactory
 from relayd.courier.maildir import MaildirCourier
 from relayd.diskio import DiskWriter
 from relayd.errors import ConfigError
@@ -27,7 +28,7 @@ from relayd.interfaces import ICourier
 from relayd.metrics import Metrics
 from relayd.qmgr import QueueManager
 from relayd.queue.schedule import RetrySchedule
-from relayd.queue.spool import Spool
+from relayd.queue.spool import Spool, control_socket_address, control_socket_path
 from relayd.smtpd.protocol import SMTPServerFactory
 from relayd.web import make_site
 
@@ -146,6 +147,7 @@ class RelayService(MultiService):
             RetrySchedule(config.queue.retry, config.queue.lifetime),
             reactor, self.metrics,
             {name: route.concurrency for name, route in config.routes.items()},
+            hostname=self.hostname, bounce_from=config.server.bounce_from, jitter=0.1,
         )
         self.cleanup = Cleanup(
             self.spool, self.hostname, reactor,
@@ -163,6 +165,10 @@ class RelayService(MultiService):
                                       factory, reactor)
             service.setServiceParent(self)
             self.listeners.append(service)
+        self.control = ListenerService(
+            "control", "", ControlFactory(self.qmgr), reactor
+        )
+        self.control.setServiceParent(self)
         self.http: ListenerService | None = None
         if config.http.listen is not None:
             site = make_site(self.status, self.metrics, self.qmgr.update_metrics)
@@ -171,6 +177,17 @@ class RelayService(MultiService):
 
     def privilegedStartService(self) -> None:
         self.spool.prepare()
+        self._lock = self.spool.lock()
+        if self._lock is None:
+            raise OSError(f"the spool {self.config.server.spool} is in use by another relayd")
+        # Ours now (we hold the lock): a socket file left by a crash goes.
+        try:
+            os.unlink(control_socket_path(self.config.server.spool))
+        except FileNotFoundError:
+            pass
+        self.control.description = (
+            f"unix:{_escape(control_socket_address(self.config.server.spool))}:mode=600:lockfile=0"
+        )
         self.disk.start()
         try:
             super().privilegedStartService()
@@ -231,6 +248,11 @@ class RelayService(MultiService):
             "queue_oldest_age_seconds": self.qmgr.oldest_age(),
             "routes": routes,
         }
+
+
+def _escape(path: str) -> str:
+    """Endpoint strings use ':' as a separator and '\\' as its escape."""
+    return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def makeService(options: Options) -> RelayService:

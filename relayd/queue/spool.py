@@ -18,6 +18,7 @@ hold) goes to the small state file, rewritten atomically.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 from typing import Any
@@ -183,6 +184,21 @@ class Spool:
         for sub in ("", "tmp", "messages", "state", "corrupt"):
             os.makedirs(self.path(sub), mode=0o700, exist_ok=True)
 
+    def lock(self, blocking: bool = False) -> int | None:
+        """Take the spool's lock: one daemon per spool, and the queue
+        commands work on the files directly only while no daemon runs.
+
+        :return: the lock's file descriptor (keep it open to keep the lock),
+            or None when someone else holds it.
+        """
+        fd = os.open(self.path("lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
     def writable(self) -> bool:
         """Can we create a file in the spool right now (readiness)?
 
@@ -265,6 +281,7 @@ class Spool:
             next_attempt=float(state.get("next_attempt", 0.0)),
             last_error=state.get("last_error"),
             held=bool(state.get("held", False)),
+            done=tuple(str(r) for r in state.get("done", ())),
         )
 
     def read(self, queue_id: QueueId) -> Deferred[QueuedMessage]:
@@ -289,7 +306,9 @@ class Spool:
                 "next_attempt": message.next_attempt,
                 "last_error": message.last_error,
                 "held": message.held,
-            }
+                "done": list(message.done),
+            },
+            ensure_ascii=False,
         ).encode("utf-8")
         final = self.path("state", message.queue_id + ".json")
         tmp = self.path("tmp", message.queue_id + ".state")
@@ -325,6 +344,25 @@ class Spool:
                 pass
 
         return self.disk.submit(unlink)
+
+
+def control_socket_path(spool: str) -> str:
+    return os.path.join(spool, "control.sock")
+
+
+def control_socket_address(spool: str) -> str:
+    """The path to bind or connect to.
+
+    A Unix socket path is limited to 107 bytes; a deep spool directory is
+    reached through ``/proc/self/fd`` of an open directory instead (Linux),
+    which keeps the socket in the spool where its permissions protect it.
+    The directory descriptor stays open for the life of the process.
+    """
+    path = control_socket_path(spool)
+    if len(os.fsencode(path)) < 100:
+        return path
+    fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/control.sock"
 
 
 __all__ = ["Spool", "SpoolWriter", "CorruptMessage", "read_envelope", "fsync_dir"]

@@ -480,7 +480,10 @@ class SMTPServerProtocol(Protocol):
                 helo=self._session.helo if self._session else "",
             )
             raise
-        self._recipients.append(recipient)
+        if recipient not in self._recipients:
+            # A duplicate is accepted and delivered once (Postfix's cleanup
+            # drops duplicates too).
+            self._recipients.append(recipient)
         self._reply(250, "2.1.5", "Ok")
 
     def do_DATA(self, arg: bytes) -> None:

@@ -1,0 +1,85 @@
+"""The daemon's end of the local control channel (``relayd queue ...``).
+
+A Unix socket in the spool directory, owner-only like the spool itself, so
+file permissions are the access control.  The protocol is one JSON object
+per line each way; ``list`` streams one line per message, so a queue of
+100,000 messages is never built into a single reply.  Everything goes
+through the queue manager, which knows what is in flight: that is what makes
+``hold`` or ``delete`` during a delivery well defined.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from relayd.qmgr import QueueManager
+
+log = Logger(namespace="relayd.control")
+
+#: A request line longer than this is not ours.
+MAX_REQUEST = 64 * 1024
+OPERATIONS = ("flush", "hold", "release", "delete", "bounce")
+
+
+class ControlProtocol(Protocol):
+    """One admin client: requests in, JSON lines out."""
+
+    def __init__(self, qmgr: QueueManager) -> None:
+        self._qmgr = qmgr
+        self._buf = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buf += data
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            self._handle(line)
+        if len(self._buf) > MAX_REQUEST:
+            self._send({"error": "request too long"})
+            self.transport.loseConnection()
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        self.transport.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+        except (ValueError, KeyError, TypeError):
+            self._send({"error": "malformed request"})
+            return
+        try:
+            if op == "list":
+                count = 0
+                for entry in self._qmgr.listing():
+                    self._send({"message": entry})
+                    count += 1
+                self._send({"done": True, "count": count})
+            elif op == "show":
+                entry = self._qmgr.describe(str(request.get("id", "")))
+                self._send({"done": True, "message": entry} if entry else
+                           {"error": f"no message {request.get('id')!r} in the queue"})
+            elif op in OPERATIONS:
+                ids = self._qmgr.select(request.get("ids"), bool(request.get("all")),
+                                        request.get("sender"))
+                d = self._qmgr.administer(op, ids)
+                d.addCallback(lambda affected: self._send({"done": True, "affected": affected}))
+                d.addErrback(lambda f: self._send({"error": f.getErrorMessage()}))
+            else:
+                self._send({"error": f"unknown operation {op!r}"})
+        except Exception as e:  # one bad request never takes the daemon down
+            log.failure("control request {op} failed", op=op)
+            self._send({"error": str(e)})
+
+
+class ControlFactory(Factory):
+    noisy = False
+
+    def __init__(self, qmgr: QueueManager) -> None:
+        self._qmgr = qmgr
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        return ControlProtocol(self._qmgr)
