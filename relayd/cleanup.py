@@ -42,6 +42,9 @@ KEEP_LIMIT = 256 * 1024
 _HEADER_SECTION = re.compile(
     rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*"
 )
+#: The same lines when resuming after a matched prefix, where the next line
+#: may continue the last field.
+_HEADER_LINES = re.compile(rb"(?:(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\r\n]*\r\n)*")
 _COUNTED = re.compile(rb"^(received|message-id|date)[ \t]*:", re.I | re.M)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -164,8 +167,10 @@ class CleanupMessage:
         self._session = session
         self._writer = writer
         self._envelope = envelope
-        self._head: list[bytes] | None = []
-        self._head_size = 0
+        self._head: bytearray | None = bytearray()
+        # Where the header lines matched so far end: each write scans only
+        # what is new, so a header sent a byte at a time costs linear time.
+        self._matched = 0
         self._column = 0
         self._keep: list[bytes] | None = []
         self._hops = 0
@@ -173,11 +178,10 @@ class CleanupMessage:
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
-            self._head.append(data)
-            self._head_size += len(data)
-            if self._head_size < HEADER_LIMIT and not self._header_complete():
+            self._head += data
+            if len(self._head) < HEADER_LIMIT and (b"\n" not in data or not self._header_complete()):
                 return
-            self._write_head(b"".join(self._head))
+            self._write_head(bytes(self._head))
             return
         self._emit(data, header=False)
 
@@ -188,15 +192,14 @@ class CleanupMessage:
         line, or a line that is not a header.
         """
         assert self._head is not None
-        data = self._head[0] if len(self._head) == 1 else b"".join(self._head)
-        self._head = [data]
-        end = _HEADER_SECTION.match(data).end()  # type: ignore[union-attr]
-        return data.find(b"\n", end) >= 0
+        pattern = _HEADER_SECTION if self._matched == 0 else _HEADER_LINES
+        self._matched = pattern.match(self._head, self._matched, HEADER_LIMIT).end()  # type: ignore[union-attr]
+        return self._head.find(b"\n", self._matched) >= 0
 
     def _write_head(self, data: bytes) -> None:
         """Judge the header section, then write our headers and it."""
         self._head = None
-        end = _HEADER_SECTION.match(data).end()  # type: ignore[union-attr]
+        end = _HEADER_SECTION.match(data, 0, HEADER_LIMIT).end()  # type: ignore[union-attr]
         section, rest = data[:end], data[end:]
         found = [m.lower() for m in _COUNTED.findall(section)]
         self._hops = found.count(b"received")
@@ -249,7 +252,7 @@ class CleanupMessage:
 
     def finish(self) -> Deferred[str]:
         if self._head is not None:
-            self._write_head(b"".join(self._head))
+            self._write_head(bytes(self._head))
         if self._hops > self._cleanup.max_hops:
             self._writer.abort()
             return fail(SMTPReply(554, "5.4.6", "Too many hops"))

@@ -93,6 +93,7 @@ class QueueManager(Service):
         self._messages: dict[QueueId, QueuedMessage] = {}
         self._ready: dict[str, deque[tuple[QueuedMessage, bytes | None]]] = {}
         self._in_memory = 0
+        self._queued_ids: set[QueueId] = set()
         self._active: dict[str, int] = {}
         self._timers: dict[QueueId, IDelayedCall] = {}
         self._in_flight: set[QueueId] = set()
@@ -166,6 +167,9 @@ class QueueManager(Service):
             self._make_ready(message, None)
 
     def _make_ready(self, message: QueuedMessage, content: bytes | None) -> None:
+        if message.queue_id in self._queued_ids:
+            return
+        self._queued_ids.add(message.queue_id)
         route = message.envelope.route
         if content is not None:
             if self._in_memory >= MAX_CONTENT_IN_MEMORY:
@@ -180,6 +184,7 @@ class QueueManager(Service):
         limit = self._concurrency.get(route, 1)
         while ready and not self._stopping and self._active.get(route, 0) < limit:
             queued, content = ready.popleft()
+            self._queued_ids.discard(queued.queue_id)
             if content is not None:
                 self._in_memory -= 1
             message = self._messages.get(queued.queue_id)
@@ -234,6 +239,9 @@ class QueueManager(Service):
         outcomes = result.recipients or tuple(
             RecipientResult(r, SENT, result.reply) for r in pending(message)
         )
+        answered = {o.recipient for o in outcomes}
+        outcomes += tuple(RecipientResult(r, DEFERRED, "courier gave no result for this recipient")
+                          for r in pending(message) if r not in answered)
         for o in outcomes:
             maillog.info(
                 "{queue_id}: to=<{rcpt}> route={route} relay={relay} delay={delay:.2f} "
@@ -250,18 +258,31 @@ class QueueManager(Service):
         done = tuple(message.done) + tuple(o.recipient for o in sent)
         d = self._bounce(message, bounced, holder.get("content"), remote=result.relay)
 
-        def settle(_: object) -> Deferred[None]:
-            current = evolve(self._messages.get(message.queue_id, message),
-                             done=done + tuple(o.recipient for o in bounced))
-            if not deferred:
+        def settle(bounce_queued: bool) -> Deferred[None]:
+            # If the DSN could not be queued, the bounced recipients stay
+            # pending and are tried (and bounced) again later.
+            finished = done + tuple(o.recipient for o in bounced) if bounce_queued else done
+            waiting = deferred if bounce_queued else deferred + bounced
+            current = evolve(self._messages.get(message.queue_id, message), done=finished)
+            if not waiting:
                 return self._forget(current)
-            reason = deferred[0].reply
+            reason = waiting[0].reply
             self._route_status[route] = {
                 **self._route_status.get(route, {}), "last_error": now, "last_error_reason": reason,
             }
             return self._defer(current, reason, now)
 
-        return d.addCallback(settle)
+        return self._bounce_outcome(d, message).addCallback(settle)
+
+    def _bounce_outcome(self, d: Deferred[None], message: QueuedMessage) -> Deferred[bool]:
+        """True once the DSN is durable; False (logged) if it could not be queued."""
+
+        def failed(failure: Failure) -> bool:
+            log.failure("{queue_id}: cannot queue the non-delivery notification", failure,
+                        queue_id=message.queue_id)
+            return False
+
+        return d.addCallbacks(lambda _: True, failed)
 
     def _failed(self, failure: Failure, message: QueuedMessage, started: float,
                 holder: dict[str, bytes]) -> Deferred[None]:
@@ -286,8 +307,9 @@ class QueueManager(Service):
                              "status=bounced ({reason})", queue_id=message.queue_id, rcpt=rcpt,
                              route=route, delay=now - message.envelope.arrival, reason=reason)
             failed = [RecipientResult(r, BOUNCED, reason) for r in recipients]
-            return self._bounce(current, failed, holder.get("content")).addCallback(
-                lambda _: self._forget(current)
+            d = self._bounce(current, failed, holder.get("content"))
+            return self._bounce_outcome(d, current).addCallback(
+                lambda ok: self._forget(current) if ok else self._retry_later(current, reason, now)
             )
         for rcpt in recipients:
             maillog.info("{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} "
@@ -299,15 +321,20 @@ class QueueManager(Service):
         """Schedule the next attempt, or bounce what is left if it is too old."""
         route = message.envelope.route
         if self._retry.expired(message.envelope.arrival, now):
-            expired = [RecipientResult(r, BOUNCED, f"{reason} (message expired: delivery time "
-                                                   "exceeded)") for r in pending(message)]
+            # The Diagnostic-Code stays the last reply, verbatim (RFC 3464).
+            expired = [RecipientResult(r, BOUNCED, reason) for r in pending(message)]
             for o in expired:
                 maillog.info("{queue_id}: to=<{rcpt}> route={route} status=expired ({reason})",
                              queue_id=message.queue_id, rcpt=o.recipient, route=route,
                              reason=reason)
-            return self._bounce(message, expired, None, status="4.4.7").addCallback(
-                lambda _: self._forget(message)
+            d = self._bounce(message, expired, None)
+            return self._bounce_outcome(d, message).addCallback(
+                lambda ok: self._forget(message) if ok else self._retry_later(message, reason, now)
             )
+        return self._retry_later(message, reason, now)
+
+    def _retry_later(self, message: QueuedMessage, reason: str, now: float) -> Deferred[None]:
+        route = message.envelope.route
         self._metrics.deliveries.labels(route, "deferred").inc()
         attempts = message.attempts + 1
         delay = self._retry.next_delay(attempts)
@@ -347,8 +374,7 @@ class QueueManager(Service):
     # -- bounces -------------------------------------------------------------------
 
     def _bounce(self, message: QueuedMessage, failed: Sequence[RecipientResult],
-                content: bytes | None, remote: str | None = None,
-                status: str | None = None) -> Deferred[None]:
+                content: bytes | None, remote: str | None = None) -> Deferred[None]:
         """Queue a DSN for ``failed`` recipients to the envelope sender.
 
         Fires once the DSN is durable (or at once when there is nothing to
@@ -363,8 +389,6 @@ class QueueManager(Service):
             maillog.info("{queue_id}: bounce of a bounce not sent (null sender)",
                          queue_id=message.queue_id)
             return succeed(None)
-        if status is not None:
-            failed = [evolve(f, reply=_with_status(f.reply, status)) for f in failed]
         loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
         now = self._clock.seconds()
 
@@ -516,11 +540,3 @@ def _host_of(relay: str | None) -> str | None:
     if not relay or relay.startswith("maildir:"):
         return None
     return relay.split("[", 1)[0].rsplit(":", 1)[0] or None
-
-
-def _with_status(reply: str, status: str) -> str:
-    """Put an enhanced status code (e.g. 4.4.7, expired) on a reply."""
-    parts = reply.split(" ", 2)
-    if len(parts) >= 2 and parts[0].isdigit() and parts[1][:1].isdigit() and "." in parts[1]:
-        return f"{parts[0]} {status} {parts[2] if len(parts) > 2 else ''}".rstrip()
-    return f"{status} {reply}"

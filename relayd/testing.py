@@ -11,28 +11,46 @@ real time, no filesystem.
 
 from __future__ import annotations
 
+import errno
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from relayd.config import ListenerConfig, parse
+from relayd.envelope import DeliveryResult, Envelope, QueuedMessage, QueueId, new_queue_id
 from relayd.errors import QueueFull
-from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
+from relayd.interfaces import (
+    ICourier,
+    IMessageReceiver,
+    ISession,
+    ISpool,
+    ISpoolWriter,
+    ISubmissionSink,
+)
 from relayd.metrics import Metrics
 
 if TYPE_CHECKING:
     from relayd.smtpd.protocol import SMTPServerProtocol
 
 __all__ = [
+    "HOLD",
     "BackpressureTransport",
     "Conversation",
+    "DeliveryAttempt",
+    "LogCapture",
+    "MemorySpool",
+    "MemorySpoolWriter",
+    "RecordingCourier",
     "RecordedMessage",
     "RecordingReceiver",
     "RecordingSink",
@@ -370,3 +388,303 @@ class Conversation:
         """MAIL, RCPT... and DATA in one pipelined group; the replies."""
         lines = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{r}>" for r in recipients] + ["DATA"]
         return self.send("".join(line + "\r\n" for line in lines))
+
+
+# -- the queue side: an in-memory spool and a scripted courier ---------------
+
+
+@implementer(ISpoolWriter)
+class MemorySpoolWriter:
+    """One message on its way into a :class:`MemorySpool`.
+
+    Like ``SpoolWriter``, the queue id is fixed when writing starts (it goes
+    into ``Received:``) and nothing is visible to ``recover``/``load`` until
+    ``commit`` has succeeded.  ``write`` after ``commit``/``abort`` raises
+    ``AssertionError``: the real writer would silently lose such bytes, so a
+    caller doing it is a bug the fake should make loud.
+    """
+
+    def __init__(self, spool: MemorySpool, queue_id: QueueId, envelope: Envelope) -> None:
+        self._spool = spool
+        self.queue_id = queue_id
+        self.envelope = envelope
+        self.chunks: list[bytes] = []
+        #: "open", then "committed", "failed" or "aborted".
+        self.state = "open"
+
+    @property
+    def content(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def write(self, data: bytes) -> None:
+        assert self.state == "open", f"write() after {self.state}"
+        assert isinstance(data, bytes), f"write() of {type(data).__name__}"
+        self.chunks.append(data)
+
+    def commit(self) -> Deferred[QueuedMessage]:
+        assert self.state == "open", f"commit() after {self.state}"
+        spool = self._spool
+        if spool.fail_commit is not None:
+            self.state = "failed"
+            return fail(spool.fail_commit)
+        if self.queue_id in spool.contents:
+            # The real spool's exclusive rename: never overwrite a queued message.
+            self.state = "failed"
+            return fail(OSError(errno.EEXIST, "queue id already in use", self.queue_id))
+        content = self.content
+        message = QueuedMessage(self.queue_id, attrs.evolve(self.envelope, size=len(content)))
+        spool.messages[self.queue_id] = message
+        spool.contents[self.queue_id] = content
+        spool.committed.append(self.queue_id)
+        self.state = "committed"
+        return succeed(message)
+
+    def abort(self) -> None:
+        if self.state == "open":
+            self.state = "aborted"
+            self.chunks = []
+            self._spool.aborted.append(self.queue_id)
+
+
+@implementer(ISpool)
+class MemorySpool:
+    """An ``ISpool`` in dictionaries, with ``relayd.queue.spool.Spool``'s semantics.
+
+    Why: the queue manager and cleanup are about *which* spool operations
+    happen and in what order, not about files; a dictionary makes those
+    tests fast and lets them inject failures the disk rarely produces.
+    ``tests/test_spool_contract.py`` runs the same tests against this and the
+    real spool, so the two cannot drift apart.
+
+    Every Deferred has already fired when returned (as with
+    ``InlineDiskWriter``).  Missing messages fail ``load``/``read``/``remove``
+    with ``FileNotFoundError``, as the real spool's ``open``/``unlink`` do.
+
+    Knobs, set as attributes: ``fail_commit``, ``fail_load``, ``fail_defer``,
+    ``fail_remove``, ``fail_recover``: an exception instance to fail that
+    operation with (``None``: work normally).  ``is_writable``: what
+    ``writable()`` answers.
+
+    Records: ``loads``, ``removes`` (queue ids, every call), ``defers`` (the
+    ``QueuedMessage`` of every ``defer`` call), ``committed``/``aborted``
+    (queue ids), ``writers`` (every writer opened).
+
+    :param directory: only for ``Cleanup``'s free-space check (``statvfs``).
+    """
+
+    def __init__(self, clock: IReactorTime | None = None, directory: str = os.curdir) -> None:
+        self.clock = clock if clock is not None else Clock()
+        self.directory = directory
+        self.messages: dict[QueueId, QueuedMessage] = {}
+        self.contents: dict[QueueId, bytes] = {}
+        self.fail_commit: BaseException | None = None
+        self.fail_load: BaseException | None = None
+        self.fail_defer: BaseException | None = None
+        self.fail_remove: BaseException | None = None
+        self.fail_recover: BaseException | None = None
+        self.is_writable = True
+        self.prepared = False
+        self.loads: list[QueueId] = []
+        self.removes: list[QueueId] = []
+        self.defers: list[QueuedMessage] = []
+        self.committed: list[QueueId] = []
+        self.aborted: list[QueueId] = []
+        self.writers: list[MemorySpoolWriter] = []
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def prepare(self) -> None:
+        self.prepared = True
+
+    def writable(self) -> bool:
+        return self.is_writable
+
+    def open_message(self, envelope: Envelope) -> MemorySpoolWriter:
+        writer = MemorySpoolWriter(self, new_queue_id(self.clock.seconds()), envelope)
+        self.writers.append(writer)
+        return writer
+
+    def add(self, message: QueuedMessage, content: bytes) -> QueuedMessage:
+        """Put a message straight in, as if an earlier run had queued it
+        (for recovery tests); ``envelope.size`` is set from ``content``."""
+        message = attrs.evolve(message, envelope=attrs.evolve(message.envelope, size=len(content)))
+        self.messages[message.queue_id] = message
+        self.contents[message.queue_id] = content
+        return message
+
+    def recover(self) -> Deferred[list[QueuedMessage]]:
+        if self.fail_recover is not None:
+            return fail(self.fail_recover)
+        return succeed(sorted(self.messages.values(),
+                              key=lambda m: (m.envelope.arrival, m.queue_id)))
+
+    def read(self, queue_id: QueueId) -> Deferred[QueuedMessage]:
+        if queue_id not in self.messages:
+            return fail(FileNotFoundError(errno.ENOENT, "no such queued message", queue_id))
+        return succeed(self.messages[queue_id])
+
+    def load(self, queue_id: QueueId) -> Deferred[bytes]:
+        self.loads.append(queue_id)
+        if self.fail_load is not None:
+            return fail(self.fail_load)
+        if queue_id not in self.contents:
+            return fail(FileNotFoundError(errno.ENOENT, "no such queued message", queue_id))
+        return succeed(self.contents[queue_id])
+
+    def defer(self, message: QueuedMessage) -> Deferred[None]:
+        """Keep only the retry state, as the real spool's state file does
+        (the envelope stays the one committed); unknown ids are ignored,
+        as the real spool's orphan state files are at recovery."""
+        self.defers.append(message)
+        if self.fail_defer is not None:
+            return fail(self.fail_defer)
+        stored = self.messages.get(message.queue_id)
+        if stored is not None:
+            self.messages[message.queue_id] = attrs.evolve(
+                stored,
+                attempts=message.attempts,
+                next_attempt=message.next_attempt,
+                last_error=message.last_error,
+                held=message.held,
+                done=message.done,
+            )
+        return succeed(None)
+
+    def remove(self, queue_id: QueueId) -> Deferred[None]:
+        self.removes.append(queue_id)
+        if self.fail_remove is not None:
+            return fail(self.fail_remove)
+        if queue_id not in self.messages:
+            return fail(FileNotFoundError(errno.ENOENT, "no such queued message", queue_id))
+        del self.messages[queue_id]
+        del self.contents[queue_id]
+        return succeed(None)
+
+
+@attrs.define
+class DeliveryAttempt:
+    """One call of :meth:`RecordingCourier.deliver`.
+
+    ``deferred`` is set for attempts the courier holds (pending until the
+    test fires it); ``finished`` tells whether it has fired.
+    """
+
+    queue_id: QueueId
+    envelope: Envelope
+    content: bytes
+    deferred: Deferred[DeliveryResult] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.deferred is None or self.deferred.called
+
+
+#: A scripted outcome: keep the attempt pending (see RecordingCourier).
+HOLD = "hold"
+
+Outcome = Any
+
+
+@implementer(ICourier)
+class RecordingCourier:
+    """An ``ICourier`` that delivers nowhere and records every attempt.
+
+    Why: the queue manager's job is deciding when to call a courier and what
+    to do with its verdict; a scripted courier produces any verdict (sent,
+    transient, permanent, an unexpected exception, or none yet) on demand.
+
+    :param outcomes: what successive calls return, consumed one per call:
+        a ``DeliveryResult``; an exception instance (the Deferred fails with
+        it); :data:`HOLD` (the Deferred stays pending, see ``release`` and
+        ``fail_pending``).  Or a callable ``(queue_id, envelope, content)``
+        called for every attempt, returning any of those or a Deferred; an
+        exception it *raises* propagates from ``deliver`` as raised, which
+        breaks ``ICourier``'s contract on purpose so a test can check that
+        callers survive such a courier.
+    :param hold: what to do once ``outcomes`` is used up: ``True`` holds every
+        further attempt, ``False`` (the default) delivers at once.
+    """
+
+    def __init__(
+        self,
+        outcomes: list[Outcome] | Callable[[QueueId, Envelope, bytes], Outcome] | None = None,
+        hold: bool = False,
+        relay: str = "fake.test[192.0.2.25]:25",
+    ) -> None:
+        self.outcomes = outcomes if outcomes is not None else []
+        self.hold = hold
+        self.relay = relay
+        self.attempts: list[DeliveryAttempt] = []
+
+    @property
+    def pending(self) -> list[DeliveryAttempt]:
+        """Held attempts that have not fired yet, oldest first."""
+        return [a for a in self.attempts if not a.finished]
+
+    def deliver(self, queue_id: QueueId, envelope: Envelope, content: bytes) -> Deferred[DeliveryResult]:
+        assert isinstance(content, bytes), f"deliver() of {type(content).__name__}"
+        attempt = DeliveryAttempt(queue_id, envelope, content)
+        self.attempts.append(attempt)
+        if callable(self.outcomes):
+            outcome = self.outcomes(queue_id, envelope, content)
+        elif self.outcomes:
+            outcome = self.outcomes.pop(0)
+        else:
+            outcome = HOLD if self.hold else None
+        if isinstance(outcome, Deferred):
+            return outcome
+        if outcome is HOLD:
+            attempt.deferred = Deferred()
+            return attempt.deferred
+        if isinstance(outcome, BaseException):
+            return fail(outcome)
+        if outcome is None:
+            outcome = DeliveryResult(self.relay)
+        assert isinstance(outcome, DeliveryResult), outcome
+        return succeed(outcome)
+
+    def release(self, index: int = 0, result: DeliveryResult | None = None) -> DeliveryAttempt:
+        """Let the ``index``-th pending attempt succeed."""
+        attempt = self.pending[index]
+        assert attempt.deferred is not None
+        attempt.deferred.callback(result or DeliveryResult(self.relay))
+        return attempt
+
+    def fail_pending(self, error: BaseException, index: int = 0) -> DeliveryAttempt:
+        """Let the ``index``-th pending attempt fail with ``error``."""
+        attempt = self.pending[index]
+        assert attempt.deferred is not None
+        attempt.deferred.errback(error)
+        return attempt
+
+
+@implementer(ILogObserver)
+class LogCapture:
+    """Collects ``twisted.logger`` events of one namespace while in a ``with``.
+
+    Why: the mail log is part of relayd's contract (one Postfix-style line
+    per event, queue id first), so tests assert on its text; Twisted 22.4
+    has no ``capturedLogs``, and an observer on the global publisher is the
+    one way that works on every supported Twisted.  ``lines`` are the
+    formatted messages, ``events`` the raw dictionaries (structured fields).
+    """
+
+    def __init__(self, namespace: str | None = "relayd.mail") -> None:
+        self.namespace = namespace
+        self.events: list[dict[str, Any]] = []
+
+    @property
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.namespace is None or event.get("log_namespace") == self.namespace:
+            self.events.append(event)
+
+    def __enter__(self) -> LogCapture:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        globalLogPublisher.removeObserver(self)

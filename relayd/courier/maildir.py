@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -38,11 +39,15 @@ class MaildirCourier:
         deliveries in one batch share the fsync of ``new/``.
     """
 
-    def __init__(self, directory: str, disk: Any, hostname: str | None = None) -> None:
+    def __init__(self, directory: str, disk: Any, hostname: str | None = None,
+                 started: float | None = None) -> None:
         self.directory = directory
         self._disk = disk
         self._host = _safe_hostname(hostname or socket.gethostname())
         self._ready = False
+        # Messages older than this process may have been delivered by a
+        # previous one that crashed before dequeueing them.
+        self._started = time.time() if started is None else started
 
     @property
     def relay(self) -> str:
@@ -56,7 +61,8 @@ class MaildirCourier:
         trace = [f"Return-Path: <{envelope.sender}>\r\n".encode()]
         trace += [f"X-Original-To: <{r}>\r\n".encode() for r in envelope.recipients]
         data = b"".join(trace).replace(b"\r\n", b"\n") + content.replace(b"\r\n", b"\n")
-        d = self._disk.submit(lambda batch: self._write(batch, name, data))
+        older = envelope.arrival < self._started
+        d = self._disk.submit(lambda batch: self._write(batch, name, data, older))
 
         def failed(failure: Any) -> None:
             failure.trap(OSError)
@@ -66,14 +72,17 @@ class MaildirCourier:
 
         return d.addErrback(failed)
 
-    def _write(self, batch: Batch, name: str, data: bytes) -> DeliveryResult:
+    def _write(self, batch: Batch, name: str, data: bytes, older: bool) -> DeliveryResult:
         base = self.directory
         new = os.path.join(base, "new", name)
         if not self._ready:
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(os.path.join(base, sub), mode=0o700, exist_ok=True)
             self._ready = True
-        if os.path.exists(new) or os.path.exists(os.path.join(base, "cur", name + ":2,")):
+        if os.path.exists(new) or (older and self._in_cur(name)):
+            # The earlier copy's rename may not be durable yet (its fsync of
+            # new/ can have failed): sync again before saying so.
+            batch.sync_dir(os.path.join(base, "new"))
             return DeliveryResult(self.relay, "250 2.0.0 Ok: already delivered")
         tmp = os.path.join(base, "tmp", name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -85,3 +94,13 @@ class MaildirCourier:
         os.rename(tmp, new)
         batch.sync_dir(os.path.join(base, "new"))
         return DeliveryResult(self.relay, f"250 2.0.0 Ok: delivered as {name}")
+
+    def _in_cur(self, name: str) -> bool:
+        """Has a reader already moved (and maybe flagged) our copy to cur/?
+
+        A directory scan, so only done for messages from before this process
+        started: only those can have been delivered without being dequeued.
+        """
+        prefix = name + ":"
+        with os.scandir(os.path.join(self.directory, "cur")) as entries:
+            return any(e.name == name or e.name.startswith(prefix) for e in entries)

@@ -1,0 +1,208 @@
+"""TLS contexts for the smarthost client.
+
+Everything TLS-specific that the courier needs is built here, once per route,
+when the courier is constructed: the CA file and the client certificate are
+read at that point, so an unreadable or malformed file stops start-up (or a
+reload) with a :class:`ConfigError` instead of failing every delivery.
+
+Policy (design §3 invariant 5: TLS to the smarthost is verified by default):
+
+* ``tls_verify = true``: the chain is checked against ``ca_file`` (PEM, may
+  hold several certificates) or the system CA store, and the certificate must
+  name ``tls_server_name``, else the smarthost's host string.  IP address
+  smarthosts are verified as IP addresses (an ``IP`` subjectAltName),
+  which ``service_identity`` supports on every version we run on (18.1+).
+* ``tls_verify = false``: encrypted, not authenticated.
+* ``tls = "opportunistic"``: like Postfix's ``smtp_tls_security_level = may``,
+  never verified: a certificate check that can fail would make the "may" a
+  "must" without the protection of one (an attacker strips STARTTLS anyway).
+* TLS 1.2 is the minimum in every mode.
+
+Only ``relayd.config`` and ``relayd.errors`` are imported from relayd.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
+
+from relayd.config import RouteConfig
+from relayd.errors import ConfigError
+
+__all__ = ["MINIMUM_VERSION", "ClientTLS", "client_tls_options", "verify_name"]
+
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def verify_name(route: RouteConfig, host: str) -> str:
+    """The name the smarthost's certificate must carry."""
+    return route.tls_server_name or host
+
+
+def _read(path: str, route: RouteConfig, key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(
+            path, f"route.{route.name}.{key}", f"cannot read: {e.strerror or e}"
+        ) from e
+
+
+def _certificates(data: bytes, path: str, route: RouteConfig, key: str) -> list[crypto.X509]:
+    blocks = _PEM_CERT.findall(data)
+    if not blocks:
+        raise ConfigError(path, f"route.{route.name}.{key}", "no PEM certificate in the file")
+    try:
+        return [crypto.load_certificate(crypto.FILETYPE_PEM, b) for b in blocks]
+    except crypto.Error as e:
+        raise ConfigError(path, f"route.{route.name}.{key}", f"bad PEM certificate: {e}") from e
+
+
+def _public_key(key: crypto.PKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    public = key.to_cryptography_key()
+    if hasattr(public, "public_key"):
+        public = public.public_key()
+    return public.public_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _takes_cryptography_objects(cert: crypto.X509, key: crypto.PKey) -> bool:
+    probe = SSL.Context(SSL.TLS_METHOD)
+    try:
+        probe.use_certificate(cert.to_cryptography())  # type: ignore[arg-type]
+        probe.use_privatekey(key.to_cryptography_key())  # type: ignore[arg-type]
+    except (TypeError, SSL.Error):
+        return False
+    return True
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """Encrypts without authenticating the server; still sends SNI, which
+    shared smarthosts need to pick the certificate."""
+
+    def __init__(self, context: SSL.Context, server_name: str) -> None:
+        self._context = context
+        self._sni: bytes | None = None
+        if not (isIPAddress(server_name) or isIPv6Address(server_name)):
+            try:
+                self._sni = server_name.encode("idna")
+            except UnicodeError:
+                self._sni = None
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if self._sni:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+class ClientTLS:
+    """The TLS side of one ``[route.NAME]``: trust roots and the client
+    certificate, loaded once; a connection creator per smarthost name."""
+
+    def __init__(self, route: RouteConfig) -> None:
+        self.route = route
+        self.verify = route.tls_verify and route.tls != "opportunistic"
+        self._trust: Any = None
+        if self.verify:
+            if route.ca_file:
+                certs = _certificates(
+                    _read(route.ca_file, route, "ca_file"), route.ca_file, route, "ca_file"
+                )
+                self._trust = ssl.trustRootFromCertificates(
+                    [ssl.Certificate(c) for c in certs]
+                )
+            else:
+                self._trust = ssl.platformTrust()
+        self._client: dict[str, object] = {}
+        if route.client_cert and route.client_key:
+            self._client = self._load_client_certificate(route.client_cert, route.client_key)
+        self._creators: dict[tuple[str, bool], IOpenSSLClientConnectionCreator] = {}
+
+    def _load_client_certificate(self, cert_path: str, key_path: str) -> dict[str, object]:
+        route = self.route
+        certs = _certificates(
+            _read(cert_path, route, "client_cert"), cert_path, route, "client_cert"
+        )
+        key_data = _read(key_path, route, "client_key")
+        try:
+            key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_data)
+        except crypto.Error as e:
+            raise ConfigError(
+                key_path, f"route.{route.name}.client_key", f"bad PEM private key: {e}"
+            ) from e
+        if _public_key(certs[0].get_pubkey()) != _public_key(key):
+            raise ConfigError(
+                key_path,
+                f"route.{route.name}.client_key",
+                f"does not match the certificate in {cert_path}",
+            )
+        chain: list[Any] = list(certs)
+        private: Any = key
+        if _takes_cryptography_objects(certs[0], key):
+            # pyOpenSSL >= 24.3 deprecates its own X509/PKey objects here;
+            # Debian's 23.0 only takes those.
+            chain = [c.to_cryptography() for c in certs]
+            private = key.to_cryptography_key()
+        options: dict[str, object] = {"privateKey": private, "certificate": chain[0]}
+        if len(chain) > 1:
+            options["extraCertChain"] = chain[1:]
+        return options
+
+    def creator(self, host: str, *, verify: bool | None = None) -> IOpenSSLClientConnectionCreator:
+        """A connection creator for the smarthost ``host``.
+
+        :param verify: ``False`` forces an unverified connection (used for
+            opportunistic STARTTLS); ``None`` follows the route.
+        """
+        verify = self.verify if verify is None else (verify and self.verify)
+        name = verify_name(self.route, host)
+        cached = self._creators.get((name, verify))
+        if cached is not None:
+            return cached
+        creator: IOpenSSLClientConnectionCreator
+        if verify:
+            extra: dict[str, object] = {"raiseMinimumTo": MINIMUM_VERSION}
+            extra.update(self._client)
+            creator = ssl.optionsForClientTLS(
+                name, trustRoot=self._trust, extraCertificateOptions=extra
+            )
+        else:
+            options = ssl.CertificateOptions(
+                verify=False,
+                raiseMinimumTo=MINIMUM_VERSION,
+                **self._client,  # type: ignore[arg-type]
+            )
+            creator = _UnverifiedClientTLS(options.getContext(), name)
+        self._creators[(name, verify)] = creator
+        return creator
+
+
+def client_tls_options(
+    route: RouteConfig, host: str | None = None
+) -> IOpenSSLClientConnectionCreator | None:
+    """A connection creator for ``host`` (default: the route's first
+    smarthost), or ``None`` when the route does not use TLS."""
+    if route.tls == "none":
+        return None
+    if host is None:
+        if not route.smarthost:
+            return None
+        host = route.smarthost[0].host
+    return ClientTLS(route).creator(host)

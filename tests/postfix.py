@@ -1,0 +1,136 @@
+"""A private Postfix instance as a real upstream (smarthost) for tests.
+
+Own config, queue and data directories and its own loopback port, never the
+system instance. It accepts mail from 127.0.0.0/8 and delivers everything
+for ``example.net`` into one maildir, so a test can see what arrived.
+Optionally offers STARTTLS with a given certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+POSTFIX = "/usr/sbin/postfix"
+POSTCONF = "/usr/sbin/postconf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivatePostfix:
+    def __init__(self, directory: Path, cert: Path | None = None, key: Path | None = None,
+                 hostname: str = "smarthost.test") -> None:
+        if not os.path.exists(POSTFIX) or not os.path.exists("/etc/postfix/master.cf"):
+            pytest.skip("postfix is not installed")
+        if os.geteuid() != 0:
+            pytest.skip("a private postfix instance needs root")
+        self.dir = directory
+        self.conf = directory / "conf"
+        self.queue = directory / "queue"
+        self.data = directory / "data"
+        self.mail = directory / "mail"
+        self.maillog = directory / "maillog"
+        self.cert, self.key, self.hostname = cert, key, hostname
+        self.port = 0
+
+    @property
+    def delivered(self) -> list[Path]:
+        new = self.mail / "outbox" / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+    def log(self) -> str:
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+    def _postfix(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([POSTFIX, "-c", str(self.conf), *args], capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    def start(self) -> PrivatePostfix:
+        pw = pwd.getpwnam("postfix")
+        for d in (self.conf, self.queue, self.data, self.mail):
+            d.mkdir(parents=True, mode=0o755)
+        os.chown(self.data, pw.pw_uid, pw.pw_gid)
+        os.chown(self.mail, pw.pw_uid, pw.pw_gid)
+        self.port = free_port()
+        main = {
+            "compatibility_level": "3.6",
+            "queue_directory": self.queue,
+            "data_directory": self.data,
+            "mail_owner": "postfix",
+            "syslog_name": "postfix-relayd-test",
+            "maillog_file": self.maillog,
+            "maillog_file_prefixes": self.dir,
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "myhostname": self.hostname,
+            "mydestination": "",
+            "relay_domains": "",
+            "alias_maps": "",
+            "alias_database": "",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject",
+            "virtual_mailbox_domains": "example.net",
+            "virtual_mailbox_base": self.mail,
+            "virtual_mailbox_maps": "static:outbox/",
+            "virtual_uid_maps": f"static:{pw.pw_uid}",
+            "virtual_gid_maps": f"static:{pw.pw_gid}",
+            "virtual_minimum_uid": "1",
+            "smtputf8_enable": "yes",
+        }
+        if self.cert and self.key:
+            main.update({
+                "smtpd_tls_cert_file": self.cert,
+                "smtpd_tls_key_file": self.key,
+                "smtpd_tls_security_level": "may",
+                "smtpd_tls_loglevel": "1",
+                "smtpd_tls_received_header": "yes",
+            })
+        with open(self.conf / "main.cf", "w") as f:
+            for k, v in main.items():
+                f.write(f"{k} = {v}\n")
+        lines = []
+        for line in open("/etc/postfix/master.cf"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "smtp" and parts[1] == "inet":
+                line = line.replace("smtp", f"127.0.0.1:{self.port}", 1)
+            lines.append(line)
+        if not any(ln.split()[:2] == ["postlog", "unix-dgram"] for ln in lines if ln.strip()):
+            lines.append("postlog   unix-dgram n  -       n       -       1       postlogd\n")
+        (self.conf / "master.cf").write_text("".join(lines))
+        subprocess.run([POSTCONF, "-c", str(self.conf), "-F", "*/*/chroot = n"], check=True,
+                       capture_output=True)
+        for step in ("check", "start"):
+            r = self._postfix(step)
+            if r.returncode != 0:
+                raise RuntimeError(f"postfix {step}: {r.stdout}{r.stderr}\n{self.log()[-2000:]}")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if s.recv(512).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"private postfix did not come up:\n{self.log()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.port:
+            self._postfix("stop")
+            pidfile = self.queue / "pid" / "master.pid"
+            deadline = time.monotonic() + 15
+            while pidfile.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.port = 0
+        shutil.rmtree(self.queue, ignore_errors=True)
