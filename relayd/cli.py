@@ -19,10 +19,10 @@ def _run(config_option: str | None) -> int:
     from twisted.application.service import ServiceMaker
     from twisted.scripts.twistd import ServerOptions, runApp
 
-    from relayd.tap import load_config
+    from relayd.tap import check_files, load_config
 
     try:
-        load_config(config_option)
+        check_files(load_config(config_option))
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
@@ -55,10 +55,11 @@ def _run(config_option: str | None) -> int:
 
 def _check_config(config_option: str | None) -> int:
     from relayd.config import render
-    from relayd.tap import load_config
+    from relayd.tap import check_files, load_config
 
     try:
         config = load_config(config_option)
+        check_files(config)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

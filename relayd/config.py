@@ -366,13 +366,6 @@ def _refuse_unbuilt(config: Config) -> None:
                     f"{label}.{key}",
                     "inbound rate limits are not available in this version of relayd yet",
                 )
-    for route in config.routes.values():
-        if route.smarthost:
-            raise ConfigError(
-                source,
-                f"route.{_key_label(route.name)}.smarthost",
-                "smarthost delivery is not available in this version of relayd yet; use maildir",
-            )
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from relayd.cleanup import Cleanup
 from relayd.config import DEFAULT_CONFIG_SOURCE, Config, load, load_default
 from relayd.control import ControlFactory
 from relayd.courier.maildir import MaildirCourier
+from relayd.courier.smarthost import SmarthostCourier
 from relayd.diskio import DiskWriter
 from relayd.errors import ConfigError
 from relayd.interfaces import ICourier
@@ -30,6 +31,7 @@ from relayd.qmgr import QueueManager
 from relayd.queue.schedule import RetrySchedule
 from relayd.queue.spool import Spool, control_socket_address, control_socket_path
 from relayd.smtpd.protocol import SMTPServerFactory
+from relayd.tls import ClientTLS
 from relayd.web import make_site
 
 log = Logger(namespace="relayd")
@@ -48,6 +50,23 @@ def load_config(option: str | None) -> Config:
     return load(path) if path else load_default()
 
 
+def check_files(config: Config) -> None:
+    """Read what the config points at (TLS certificates, CA files) now, so a
+    missing or broken file is a config error before anything listens."""
+    for route in config.routes.values():
+        if not route.smarthost or route.tls == "none":
+            continue
+        try:
+            client = ClientTLS(route)
+            for smarthost in route.smarthost:
+                client.creator(smarthost.host, verify=route.tls != "opportunistic")
+        except ConfigError as e:
+            raise ConfigError(config.source, e.key, e.reason) from None
+        except Exception as e:
+            raise ConfigError(config.source, f"route.{route.name}.tls",
+                              f"cannot set up TLS: {e}") from None
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE]"
     optParameters = [
@@ -58,6 +77,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self.config = load_config(self["config"])
+            check_files(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -138,9 +158,14 @@ class RelayService(MultiService):
         self.disk = DiskWriter(reactor)
         self.spool = Spool(config.server.spool, reactor, self.disk)
         couriers: dict[str, ICourier] = {}
+        self.smarthosts: list[SmarthostCourier] = []
         for name, route in config.routes.items():
             if route.maildir is not None:
                 couriers[name] = MaildirCourier(route.maildir, self.disk, self.hostname)
+            else:
+                courier = SmarthostCourier(route, self.hostname, reactor)
+                self.smarthosts.append(courier)
+                couriers[name] = courier
         self.couriers = couriers
         self.qmgr = QueueManager(
             self.spool, couriers,
@@ -204,6 +229,8 @@ class RelayService(MultiService):
 
     def stopService(self) -> Any:
         d = super().stopService()
+        for courier in self.smarthosts:
+            d.addBoth(lambda _, c=courier: c.stop())
         d.addBoth(lambda _: self.disk.stop())
         return d
 

@@ -13,6 +13,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ class PrivatePostfix:
             pytest.skip("postfix is not installed")
         if os.geteuid() != 0:
             pytest.skip("a private postfix instance needs root")
+        # Postfix's own users must reach these directories, and pytest's
+        # temporary tree is private to root: use a world-traversable one.
+        directory = Path(tempfile.mkdtemp(prefix="relayd-postfix-"))
+        os.chmod(directory, 0o755)
         self.dir = directory
         self.conf = directory / "conf"
         self.queue = directory / "queue"
@@ -127,10 +132,13 @@ class PrivatePostfix:
 
     def stop(self) -> None:
         if self.port:
+            try:
+                pid = int((self.queue / "pid" / "master.pid").read_text().strip())
+            except (OSError, ValueError):
+                pid = 0
             self._postfix("stop")
-            pidfile = self.queue / "pid" / "master.pid"
             deadline = time.monotonic() + 15
-            while pidfile.exists() and time.monotonic() < deadline:
+            while pid and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.port = 0
-        shutil.rmtree(self.queue, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1126,12 +1126,11 @@ def test_refuses_proxy_protocol() -> None:
     assert "not available in this version of relayd yet" in e.reason
 
 
-def test_refuses_smarthost_route() -> None:
-    e = error(MINIMAL + '[route.up]\nsmarthost = ["smtp.example.org:587"]\n')
-    assert e.key == "route.up.smarthost"
-    assert e.reason == (
-        "smarthost delivery is not available in this version of relayd yet; use maildir"
-    )
+def test_accepts_smarthost_route() -> None:
+    c = parse(MINIMAL + '[route.up]\nsmarthost = ["smtp.example.org:587", "[2001:db8::1]"]\n')
+    assert [(s.host, s.port) for s in c.routes["up"].smarthost] == [
+        ("smtp.example.org", 587), ("2001:db8::1", 25)]
+    assert c.routes["up"].tls == "starttls" and c.routes["up"].tls_verify is True
 
 
 def test_validation_errors_come_before_refusals() -> None:
