@@ -749,3 +749,36 @@ def test_release_of_waiting_message_is_not_tried_twice() -> None:
     assert h.tried == [first.queue_id, waiting.queue_id]
     h.courier.fail_pending(TransientDeliveryError("451 busy"))
     assert h.tried == [first.queue_id, waiting.queue_id]  # next try only after the back-off
+
+
+def test_hold_during_delivery_keeps_a_deferred_message_held() -> None:
+    """hold while an attempt is in flight: if it defers, the message stays held (no retry)."""
+    h = make(courier=RecordingCourier(hold=True))
+    message = h.queue()
+    fired(h.qm.administer("hold", [message.queue_id]))
+    h.courier.fail_pending(TransientDeliveryError("451 busy"))
+    assert h.spool.messages[message.queue_id].held is True
+    assert h.qm.describe(message.queue_id)["state"] == "held"
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(86400)
+    assert len(h.courier.attempts) == 1
+
+
+def test_hold_during_delivery_that_succeeds_leaves_nothing() -> None:
+    """hold while an attempt is in flight that then succeeds: the message is simply gone."""
+    h = make(courier=RecordingCourier(hold=True))
+    message = h.queue()
+    fired(h.qm.administer("hold", [message.queue_id]))
+    h.courier.succeed_pending()
+    assert len(h.spool) == 0 and len(h.qm) == 0
+
+
+def test_bounce_during_delivery_waits_and_skips_delivered_message() -> None:
+    """bounce of a message in flight waits for the attempt; if it was delivered, no DSN."""
+    h = make(courier=RecordingCourier(hold=True))
+    message = h.queue()
+    fired(h.qm.administer("bounce", [message.queue_id]))
+    assert message.queue_id in h.spool.messages
+    h.courier.succeed_pending()
+    assert len(h.spool) == 0
+    assert all(a.envelope.sender != "" for a in h.courier.attempts)
