@@ -769,7 +769,7 @@ def test_hold_during_delivery_that_succeeds_leaves_nothing() -> None:
     h = make(courier=RecordingCourier(hold=True))
     message = h.queue()
     fired(h.qm.administer("hold", [message.queue_id]))
-    h.courier.succeed_pending()
+    h.courier.release()
     assert len(h.spool) == 0 and len(h.qm) == 0
 
 
@@ -779,6 +779,6 @@ def test_bounce_during_delivery_waits_and_skips_delivered_message() -> None:
     message = h.queue()
     fired(h.qm.administer("bounce", [message.queue_id]))
     assert message.queue_id in h.spool.messages
-    h.courier.succeed_pending()
+    h.courier.release()
     assert len(h.spool) == 0
     assert all(a.envelope.sender != "" for a in h.courier.attempts)
