@@ -117,3 +117,29 @@ class IRetryPolicy(Interface):
 
     def expired(arrival: float, now: float) -> bool:
         """True when a message that arrived at ``arrival`` is too old to keep."""
+
+
+class IAuthBackend(Interface):
+    """Checks SMTP AUTH credentials (htpasswd file, LDAP directory).
+
+    Blocking work (bcrypt, LDAP round trips) happens off the reactor thread
+    in the backend's own thread pool.
+    """
+
+    def authenticate(username: str, password: str) -> object:
+        """Deferred firing with the user's canonical name.
+
+        Fails with ``twisted.cred.error.UnauthorizedLogin`` for wrong
+        credentials (answered 535 5.7.8), with any other exception when the
+        backend itself is in trouble (answered 454 4.7.0, never 535).
+        """
+
+    def sender_patterns(username: str) -> object:
+        """Deferred firing with the envelope-sender patterns this user may
+        use (``*@app1.example.org``), or None when the user is not limited."""
+
+    def start() -> None:
+        """Start thread pools / watchers; called when the relay starts."""
+
+    def stop() -> object:
+        """Stop them; may return a Deferred."""
