@@ -96,11 +96,14 @@ class OfflineQueue:
         return _entry(self._read(queue_id), time.time())
 
     def select(self, ids: list[str], everything: bool, sender: str | None) -> list[str]:
-        if everything or sender is not None:
+        if everything:
+            return [e["id"] for e in self.listing()]
+        if sender is not None:
             import fnmatch
 
+            pattern = sender.lower()
             return [e["id"] for e in self.listing()
-                    if everything or fnmatch.fnmatchcase(e["sender"].lower(), sender.lower())]
+                    if fnmatch.fnmatchcase(e["sender"].lower(), pattern)]
         return ids
 
     def administer(self, op: str, ids: list[str]) -> list[str]:
@@ -208,7 +211,7 @@ def run(config: Config, command: str, ids: list[str], everything: bool, sender: 
     if not os.path.isdir(os.path.join(directory, "messages")):
         raise AdminError(f"no spool at {directory}")
     become_spool_owner(directory)
-    spool = Spool(directory, _WallClock(), InlineDiskWriter())
+    spool = Spool(directory, _WallClock(), InlineDiskWriter())  # type: ignore[arg-type]
     lock = spool.lock()
     try:
         if lock is None:

@@ -29,7 +29,7 @@ def _run(config_option: str | None) -> int:
     maker = ServiceMaker("relayd", "relayd.tap", "relayd SMTP relay", "relayd")
 
     class Options(ServerOptions):
-        _getPlugins = staticmethod(lambda interface: [maker])
+        _getPlugins = staticmethod(lambda interface: [maker])  # type: ignore[assignment]
 
     argv = ["--nodaemon", "--pidfile=", "relayd"]
     if config_option:

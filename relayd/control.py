@@ -33,6 +33,7 @@ class ControlProtocol(Protocol):
         self._buf = b""
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self._buf += data
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
@@ -42,6 +43,7 @@ class ControlProtocol(Protocol):
             self.transport.loseConnection()
 
     def _send(self, obj: dict[str, Any]) -> None:
+        assert self.transport is not None
         self.transport.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
 
     def _handle(self, line: bytes) -> None:
@@ -59,8 +61,8 @@ class ControlProtocol(Protocol):
                     count += 1
                 self._send({"done": True, "count": count})
             elif op == "show":
-                entry = self._qmgr.describe(str(request.get("id", "")))
-                self._send({"done": True, "message": entry} if entry else
+                found = self._qmgr.describe(str(request.get("id", "")))
+                self._send({"done": True, "message": found} if found else
                            {"error": f"no message {request.get('id')!r} in the queue"})
             elif op in OPERATIONS:
                 ids = self._qmgr.select(request.get("ids"), bool(request.get("all")),

@@ -7,7 +7,14 @@ The SMTP server only knows ``ISubmissionSink``; couriers only know
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from relayd.envelope import DeliveryResult, Envelope, QueuedMessage
 
 
 class ISession(Interface):
@@ -18,6 +25,7 @@ class ISession(Interface):
     helo = Attribute("The HELO/EHLO argument, or ''.")
     user = Attribute("The authenticated user name, or None.")
     route = Attribute("The route name that delivers this listener's mail.")
+    protocol = Attribute("SMTP, ESMTP or ESMTPS, for the Received header.")
 
 
 class IMessageReceiver(Interface):
@@ -30,7 +38,7 @@ class IMessageReceiver(Interface):
     def write(data: bytes) -> None:
         """Take the next piece of message content."""
 
-    def finish() -> object:
+    def finish() -> Deferred[str]:
         """Make the message durable.
 
         :return: a Deferred firing with the queue id once the message is on
@@ -62,23 +70,23 @@ class ISubmissionSink(Interface):
 class ISpool(Interface):
     """The durable queue on disk (Postfix: the queue directories)."""
 
-    def open_message(envelope: object) -> object:
+    def open_message(envelope: Envelope) -> ISpoolWriter:
         """Start writing a new message; returns an ``ISpoolWriter`` whose
         ``queue_id`` is already assigned (it goes into ``Received:``)."""
 
-    def recover() -> object:
+    def recover() -> Deferred[list[QueuedMessage]]:
         """Clean up after a crash and list what is queued.
 
         :return: Deferred firing with a list of ``QueuedMessage``.
         """
 
-    def load(queue_id: str) -> object:
+    def load(queue_id: str) -> Deferred[bytes]:
         """Deferred firing with the message content (bytes, CRLF lines)."""
 
-    def defer(message: object) -> object:
+    def defer(message: QueuedMessage) -> Deferred[None]:
         """Persist a ``QueuedMessage``'s new retry state; Deferred."""
 
-    def remove(queue_id: str) -> object:
+    def remove(queue_id: str) -> Deferred[None]:
         """Forget a message that has been delivered or bounced; Deferred."""
 
 
@@ -90,7 +98,7 @@ class ISpoolWriter(Interface):
 
     queue_id = Attribute("The message's queue id, fixed when writing starts.")
 
-    def commit() -> object:
+    def commit() -> Deferred[QueuedMessage]:
         """Deferred firing with the ``QueuedMessage`` once it is durable."""
 
     def abort() -> None:
@@ -100,7 +108,7 @@ class ISpoolWriter(Interface):
 class ICourier(Interface):
     """Delivers a message somewhere (Postfix: the smtp or local delivery agent)."""
 
-    def deliver(queue_id: str, envelope: object, content: bytes) -> object:
+    def deliver(queue_id: str, envelope: Envelope, content: bytes) -> Deferred[DeliveryResult]:
         """Try to deliver.
 
         :return: Deferred firing with a ``DeliveryResult``, or failing with
@@ -126,7 +134,7 @@ class IAuthBackend(Interface):
     in the backend's own thread pool.
     """
 
-    def authenticate(username: str, password: str) -> object:
+    def authenticate(username: str, password: str) -> Deferred[str]:
         """Deferred firing with the user's canonical name.
 
         Fails with ``twisted.cred.error.UnauthorizedLogin`` for wrong
@@ -134,7 +142,7 @@ class IAuthBackend(Interface):
         backend itself is in trouble (answered 454 4.7.0, never 535).
         """
 
-    def sender_patterns(username: str) -> object:
+    def sender_patterns(username: str) -> Deferred[tuple[str, ...] | None]:
         """Deferred firing with the envelope-sender patterns this user may
         use (``*@app1.example.org``), or None when the user is not limited."""
 

@@ -226,7 +226,7 @@ class QueueManager(Service):
 
             d = loaded.addCallback(deliver)
         d.addCallbacks(
-            self._delivered, self._failed,
+            self._delivered, self._failed,  # type: ignore[arg-type]
             callbackArgs=(message, started, holder), errbackArgs=(message, started, holder),
         )
         return d
@@ -480,7 +480,7 @@ class QueueManager(Service):
             waits.append(self._administer_one(op, qid))
         d: Deferred[Any] = succeed(None)
         for w in waits:
-            d.addCallback(lambda _, w=w: w)
+            d.addCallback(lambda _, w=w: w)  # type: ignore[call-overload]
         return d.addCallback(lambda _: affected)
 
     def _administer_one(self, op: str, qid: QueueId) -> Deferred[None]:
