@@ -339,20 +339,6 @@ def _refuse_unbuilt(config: Config) -> None:
     source = config.source
     for listener in config.listeners:
         label = f"listener[{listener.name}]"
-        if listener.tls != "none":
-            reason = (
-                f'TLS listeners (tls = "{listener.tls}") are not available in this version '
-                'of relayd yet; set tls = "none"'
-            )
-            if config.tls is not None:
-                reason += ' (tls defaults to "starttls" when [tls] is configured)'
-            raise ConfigError(source, f"{label}.tls", reason)
-        if listener.auth != "none":
-            raise ConfigError(
-                source,
-                f"{label}.auth",
-                'SMTP AUTH is not available in this version of relayd yet; set auth = "none"',
-            )
         if listener.proxy_protocol:
             raise ConfigError(
                 source,

@@ -45,6 +45,21 @@ class Metrics:
             "relayd_delivery_seconds", "time taken by one delivery attempt", ["route"],
             registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.auth_attempts = Counter(
+            "relayd_auth_attempts", "SMTP AUTH attempts by outcome (success, failure, error)",
+            ["listener", "result"], registry=r,
+        )
+        self.auth_blocked = Counter(
+            "relayd_auth_blocked",
+            "client addresses blocked after too many AUTH failures (limits.auth_failures)",
+            ["listener"], registry=r,
+        )
+        self.tls_certificate_expiry = Gauge(
+            "relayd_tls_certificate_expiry_seconds",
+            "not-after time of the certificate a listener serves (Unix time; "
+            "alert on this minus time())",
+            ["listener"], registry=r,
+        )
         for state in ("active", "deferred", "held"):
             self.queue_messages.labels(state).set(0)
 

@@ -8,12 +8,14 @@ listeners (SMTPServerFactory) -> Cleanup -> Spool <- QueueManager -> couriers.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -25,13 +27,14 @@ from relayd.courier.maildir import MaildirCourier
 from relayd.courier.smarthost import SmarthostCourier
 from relayd.diskio import DiskWriter
 from relayd.errors import ConfigError
-from relayd.interfaces import ICourier
+from relayd.interfaces import IAuthBackend, ICourier
 from relayd.metrics import Metrics
 from relayd.qmgr import QueueManager
 from relayd.queue.schedule import RetrySchedule
 from relayd.queue.spool import Spool, control_socket_address, control_socket_path
+from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.protocol import SMTPServerFactory
-from relayd.tls import ClientTLS
+from relayd.tls import ClientTLS, ServerTLS, server_tls_files
 from relayd.web import make_site
 
 log = Logger(namespace="relayd")
@@ -50,9 +53,41 @@ def load_config(option: str | None) -> Config:
     return load(path) if path else load_default()
 
 
+def server_tls(config: Config, listener: Any) -> ServerTLS | None:
+    """The reloadable server certificate of a TLS listener (None without TLS).
+
+    :raises ConfigError: naming the config file and key, when a certificate
+        or key file cannot be used.
+    """
+    if listener.tls == "none":
+        return None
+    cert, key, cert_label, key_label = server_tls_files(config, listener)
+    try:
+        return ServerTLS(cert, key, listener.tls_min_version, cert_label=cert_label,
+                         key_label=key_label, name=listener.name)
+    except ConfigError as e:
+        raise ConfigError(config.source, e.key, f"{e.source}: {e.reason}") from None
+
+
+def make_auth_backend(config: Config, name: str, reactor: Any) -> IAuthBackend:
+    """``[auth.NAME]`` as a backend; imported lazily so that relays without
+    AUTH never import the backends (and ldap3)."""
+    try:
+        from relayd.auth import make_backend
+    except ImportError as e:
+        raise ConfigError(config.source, f"auth.{name}",
+                          f"auth backends are not available: {e}") from None
+    try:
+        return make_backend(config.auth[name], reactor)
+    except ConfigError as e:
+        raise ConfigError(config.source, e.key, f"{e.source}: {e.reason}") from None
+
+
 def check_files(config: Config) -> None:
     """Read what the config points at (TLS certificates, CA files) now, so a
     missing or broken file is a config error before anything listens."""
+    for listener in config.listeners:
+        server_tls(config, listener)
     for route in config.routes.values():
         if not route.smarthost or route.tls == "none":
             continue
@@ -183,11 +218,39 @@ class RelayService(MultiService):
         )
         self.qmgr.setServiceParent(self)
         self.listeners: list[ListenerService] = []
+        #: listener name -> its reloadable certificate (TLS listeners only).
+        self.server_tls: dict[str, ServerTLS] = {}
+        #: [auth.NAME] -> backend, one per name however many listeners use it.
+        self.auth_backends: dict[str, IAuthBackend] = {}
+        self.factories: dict[str, SMTPServerFactory] = {}
         for listener in config.listeners:
-            factory = SMTPServerFactory(listener, self.hostname, self.cleanup, reactor,
-                                        self.metrics)
+            tls = server_tls(config, listener)
+            if tls is not None:
+                self.server_tls[listener.name] = tls
+                self._tls_loaded(tls)
+            backend = None
+            if listener.auth != "none" and listener.auth_backend is not None:
+                backend = self.auth_backends.get(listener.auth_backend)
+                if backend is None:
+                    backend = make_auth_backend(config, listener.auth_backend, reactor)
+                    self.auth_backends[listener.auth_backend] = backend
+            # One failure tracker per listener, shared by its sessions: a
+            # client cannot reset its count by reconnecting.
+            limiter = AuthFailureTracker(reactor, listener.limits.auth_failures,
+                                         listener.limits.auth_block)
+            factory = SMTPServerFactory(
+                listener, self.hostname, self.cleanup, reactor, self.metrics,
+                tls=tls if listener.tls == "starttls" else None,
+                auth_backend=backend, auth_limiter=limiter,
+            )
+            self.factories[listener.name] = factory
+            listening: Any = factory
+            if listener.tls == "implicit" and tls is not None:
+                # TLS from the first byte; the endpoint string stays a plain
+                # tcp:/systemd: one so the certificate can be reloaded.
+                listening = TLSMemoryBIOFactory(tls, False, factory)
             service = ListenerService(f"listener {listener.name}", listener.listen.description,
-                                      factory, reactor)
+                                      listening, reactor)
             service.setServiceParent(self)
             self.listeners.append(service)
         self.control = ListenerService(
@@ -223,14 +286,59 @@ class RelayService(MultiService):
             raise
 
     def startService(self) -> None:
+        for backend in self.auth_backends.values():
+            backend.start()
         super().startService()
+        self._previous_sighup: Any = None
+        if self.server_tls:
+            self._install_sighup()
         if self.config.source == DEFAULT_CONFIG_SOURCE:
             self._explain_default()
 
+    # -- SIGHUP: certificates ----------------------------------------------
+
+    def _install_sighup(self) -> None:
+        try:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        except ValueError:
+            # Not the main thread (an embedding test): no signal handling.
+            log.warn("SIGHUP handler not installed (not in the main thread)")
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # Signal context: only hand the work to the reactor thread.
+        self.reactor.callFromThread(self.reload_tls)
+
+    def reload_tls(self) -> None:
+        """Reread every listener's certificate: new sessions get the new
+        one, sessions in progress keep theirs; a bad file keeps the old."""
+        log.info("SIGHUP: reloading TLS certificates")
+        for tls in self.server_tls.values():
+            if tls.reload():
+                self._tls_loaded(tls)
+
+    def _tls_loaded(self, tls: ServerTLS) -> None:
+        self.metrics.tls_certificate_expiry.labels(tls.name).set(tls.not_after)
+        left = tls.not_after - self.reactor.seconds()
+        if left < 0:
+            log.error("listener {name}: the TLS certificate {path} has expired",
+                      name=tls.name, path=tls.cert_path)
+        elif left < 14 * 86400:
+            log.warn("listener {name}: the TLS certificate {path} expires in {days} days",
+                     name=tls.name, path=tls.cert_path, days=int(left // 86400))
+
     def stopService(self) -> Any:
+        previous = getattr(self, "_previous_sighup", None)
+        if previous is not None:
+            try:
+                signal.signal(signal.SIGHUP, previous)
+            except ValueError:
+                pass
+            self._previous_sighup = None
         d = super().stopService()
         for courier in self.smarthosts:
             d.addBoth(lambda _, c=courier: c.stop())
+        for backend in self.auth_backends.values():
+            d.addBoth(lambda _, b=backend: b.stop())
         d.addBoth(lambda _: self.disk.stop())
         return d
 

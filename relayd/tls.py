@@ -1,4 +1,4 @@
-"""TLS contexts for the smarthost client.
+"""TLS contexts for the smarthost client and for the SMTP listeners.
 
 Everything TLS-specific that the courier needs is built here, once per route,
 when the courier is constructed: the CA file and the client certificate are
@@ -18,6 +18,13 @@ Policy (design §3 invariant 5: TLS to the smarthost is verified by default):
   "must" without the protection of one (an attacker strips STARTTLS anyway).
 * TLS 1.2 is the minimum in every mode.
 
+Server side (:class:`ServerTLS`, one per TLS listener): the certificate
+(full chain PEM) and key are read when the object is built, so a bad file is
+a start-up error, and again on :meth:`ServerTLS.reload` (SIGHUP), where a bad
+file is logged and the old certificate stays in use.  The object is the
+connection creator itself, so STARTTLS and implicit-TLS listeners always
+hand new sessions the newest certificate while existing sessions keep theirs.
+
 Only ``relayd.config`` and ``relayd.errors`` are imported from relayd.
 """
 
@@ -29,13 +36,24 @@ from typing import Any
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayd.config import RouteConfig
+from relayd.config import Config, ListenerConfig, RouteConfig
 from relayd.errors import ConfigError
 
-__all__ = ["MINIMUM_VERSION", "ClientTLS", "client_tls_options", "verify_name"]
+__all__ = [
+    "MINIMUM_VERSION",
+    "ClientTLS",
+    "ServerTLS",
+    "client_tls_options",
+    "server_tls_files",
+    "verify_name",
+]
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -206,3 +224,138 @@ def client_tls_options(
             return None
         host = route.smarthost[0].host
     return ClientTLS(route).creator(host)
+
+
+# ---------------------------------------------------------------------------
+# Server side: STARTTLS and implicit-TLS listeners
+# ---------------------------------------------------------------------------
+
+_log = Logger(namespace="relayd.tls")
+
+_SERVER_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_tls_files(config: Config, listener: ListenerConfig) -> tuple[str, str, str, str]:
+    """``(cert, key, cert_key_label, key_key_label)`` a listener serves: its
+    own ``tls_cert``/``tls_key``, else the global ``[tls]`` pair."""
+    label = f"listener[{listener.name}]"
+    if listener.tls_cert and listener.tls_key:
+        return listener.tls_cert, listener.tls_key, f"{label}.tls_cert", f"{label}.tls_key"
+    if config.tls is None:
+        raise ConfigError(config.source, f"{label}.tls", "needs tls_cert/tls_key or a [tls] section")
+    return config.tls.cert, config.tls.key, "tls.cert", "tls.key"
+
+
+def _not_after(cert: crypto.X509) -> float:
+    import calendar
+    import time
+
+    text = (cert.get_notAfter() or b"").decode("ascii")
+    return float(calendar.timegm(time.strptime(text, "%Y%m%d%H%M%SZ")))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The server certificate of one listener, reloadable.
+
+    Pass the object itself to ``transport.startTLS`` or
+    ``TLSMemoryBIOFactory``: each new TLS connection is made from the
+    context current at that moment.
+
+    :param min_version: ``"1.2"`` or ``"1.3"`` (``tls_min_version``).
+    :raises ConfigError: when a file cannot be read or does not hold a
+        usable certificate chain and matching key.
+    """
+
+    def __init__(
+        self,
+        cert_path: str,
+        key_path: str,
+        min_version: str = "1.2",
+        *,
+        cert_label: str = "tls.cert",
+        key_label: str = "tls.key",
+        name: str = "",
+    ) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.min_version = min_version
+        self.name = name
+        self._cert_label = cert_label
+        self._key_label = key_label
+        self.options, self.not_after, self.subject = self._load()
+
+    def _load(self) -> tuple[ssl.CertificateOptions, float, str]:
+        try:
+            with open(self.cert_path, "rb") as f:
+                cert_data = f.read()
+        except OSError as e:
+            raise ConfigError(
+                self.cert_path, self._cert_label, f"cannot read: {e.strerror or e}"
+            ) from e
+        try:
+            with open(self.key_path, "rb") as f:
+                key_data = f.read()
+        except OSError as e:
+            raise ConfigError(
+                self.key_path, self._key_label, f"cannot read: {e.strerror or e}"
+            ) from e
+        blocks = _PEM_CERT.findall(cert_data)
+        if not blocks:
+            raise ConfigError(self.cert_path, self._cert_label, "no PEM certificate in the file")
+        try:
+            certs = [crypto.load_certificate(crypto.FILETYPE_PEM, b) for b in blocks]
+        except crypto.Error as e:
+            raise ConfigError(
+                self.cert_path, self._cert_label, f"bad PEM certificate: {e}"
+            ) from e
+        try:
+            key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_data)
+        except crypto.Error as e:
+            raise ConfigError(self.key_path, self._key_label, f"bad PEM private key: {e}") from e
+        if _public_key(certs[0].get_pubkey()) != _public_key(key):
+            raise ConfigError(
+                self.key_path, self._key_label, f"does not match the certificate in {self.cert_path}"
+            )
+        chain: list[Any] = list(certs)
+        private: Any = key
+        if _takes_cryptography_objects(certs[0], key):
+            chain = [c.to_cryptography() for c in certs]
+            private = key.to_cryptography_key()
+        version = _SERVER_VERSIONS.get(self.min_version)
+        if version is None:
+            raise ConfigError(
+                self.cert_path, "tls_min_version", f"unsupported TLS version {self.min_version!r}"
+            )
+        try:
+            options = ssl.CertificateOptions(
+                privateKey=private,
+                certificate=chain[0],
+                extraCertChain=chain[1:],
+                raiseMinimumTo=version,
+            )
+            options.getContext()
+        except Exception as e:
+            raise ConfigError(self.cert_path, self._cert_label, f"cannot use: {e}") from e
+        subject = certs[0].get_subject().CN or ""
+        return options, _not_after(certs[0]), subject
+
+    def reload(self) -> bool:
+        """Read the files again; on any problem log it and keep serving the
+        old certificate.  True when the new one is in use."""
+        try:
+            self.options, self.not_after, self.subject = self._load()
+        except Exception as e:
+            _log.error(
+                "listener {name}: cannot reload the TLS certificate, keeping the old one: "
+                "{error}", name=self.name, error=str(e),
+            )
+            return False
+        _log.info("listener {name}: TLS certificate loaded from {path} ({subject})",
+                  name=self.name, path=self.cert_path, subject=self.subject)
+        return True
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self.options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        return connection

@@ -1101,23 +1101,10 @@ def test_parse_default_source() -> None:
 # --- not built yet ---------------------------------------------------------------------
 
 
-def test_refuses_tls_listener() -> None:
-    e = error(one_listener(tls='"starttls"', tls_cert='"c"', tls_key='"k"'))
-    assert e.key == "listener[a].tls"
-    assert "TLS listeners" in e.reason and "not available in this version of relayd yet" in e.reason
 
 
-def test_refuses_tls_listener_by_default_when_tls_section_exists() -> None:
-    e = error('[tls]\ncert = "c"\nkey = "k"\n' + MINIMAL)
-    assert e.key == "listener[a].tls"
-    assert 'defaults to "starttls" when [tls] is configured' in e.reason
 
 
-def test_refuses_auth_listener() -> None:
-    text = one_listener(auth='"optional"', auth_backend='"apps"', plaintext_auth="true")
-    e = error(text + '[auth.apps]\ntype = "htpasswd"\nfile = "f"\n')
-    assert e.key == "listener[a].auth"
-    assert "AUTH is not available in this version of relayd yet" in e.reason
 
 
 def test_refuses_proxy_protocol() -> None:

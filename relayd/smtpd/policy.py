@@ -102,3 +102,35 @@ class ListenerPolicy:
 
 def _matches(patterns: Iterable[re.Pattern[str]], key: str) -> bool:
     return any(p.match(key) for p in patterns)
+
+
+@frozen
+class UserSenders:
+    """The envelope senders an authenticated user may use (the backend's
+    ``sender_patterns``), checked in addition to the listener's
+    ``allowed_senders`` (Postfix's ``reject_sender_login_mismatch``, with
+    the login map coming from the auth backend)."""
+
+    user: str
+    patterns: tuple[re.Pattern[str], ...]
+
+    @classmethod
+    def from_patterns(cls, user: str, patterns: Iterable[str] | None) -> UserSenders | None:
+        """None when the backend does not limit this user."""
+        if patterns is None:
+            return None
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        return cls(user=user, patterns=tuple(_pattern(p) for p in patterns if p.strip()))
+
+    def check(self, sender: str) -> None:
+        """Raise ``SMTPReply`` 553 unless the user owns ``sender``; the null
+        sender is always allowed."""
+        if not sender:
+            return
+        key, _, _ = _canonical(sender)
+        if not _matches(self.patterns, key):
+            raise SMTPReply(
+                553, "5.7.1",
+                f"<{sender}>: Sender address rejected: not owned by user {self.user}",
+            )

@@ -1,4 +1,5 @@
-"""The ESMTP server: relayd's own state machine (RFC 5321, 1870, 2920, 3463, 6152, 6531).
+"""The ESMTP server: relayd's own state machine (RFC 5321, 1870, 2920, 3207, 3463, 4954,
+6152, 6531).
 
 Not ``twisted.mail.smtp.ESMTP``: that one executes pipelined lines while an
 asynchronous check is pending, turns an over-long DATA line into command mode
@@ -8,17 +9,33 @@ are answered strictly in order), DATA is a byte-stream transform that only
 ``<CRLF>.<CRLF>`` can end, and every buffer, count and phase is bounded.
 
 The protocol never touches the spool: accepted mail goes to an
-``ISubmissionSink``.
+``ISubmissionSink``; credentials go to an ``IAuthBackend``.
+
+STARTTLS (RFC 3207 §4.2, design invariant 3): everything the client sent
+after the STARTTLS line is thrown away unread (CVE-2011-0411 class command
+injection), and the session forgets its HELO, transaction and any AUTH; the
+client must say EHLO again.  AUTH (PLAIN, LOGIN) is offered only under TLS,
+or to loopback clients on a ``plaintext_auth`` listener.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 from attrs import define
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    INegotiated,
+    IReactorTime,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,11 +43,12 @@ from zope.interface import implementer
 
 from relayd.config import ListenerConfig
 from relayd.errors import SMTPReply
-from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
+from relayd.interfaces import IAuthBackend, IMessageReceiver, ISession, ISubmissionSink
 from relayd.metrics import Metrics
 from relayd.smtpd.address import AddressSyntaxError, parse_params, parse_path
+from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.datareader import DataReader
-from relayd.smtpd.policy import ListenerPolicy
+from relayd.smtpd.policy import ListenerPolicy, UserSenders
 
 log = Logger(namespace="relayd.smtpd")
 maillog = Logger(namespace="relayd.mail")
@@ -49,9 +67,46 @@ PIPELINE_BUFFER_LIMIT = 64 * 1024
 #: as errors.
 JUNK_COMMAND_LIMIT = 100
 
+#: A failed AUTH is answered this many seconds late (brute-force slowing;
+#: input stays held meanwhile, so a pipelining client gains nothing).
+AUTH_FAILURE_DELAY = 1.0
+#: A backend that has not answered by then gets 454 (never 535).
+AUTH_BACKEND_TIMEOUT = 30.0
+
 COMMAND, DATA, CLOSING = "command", "data", "closing"
 
 _JUNK = frozenset({b"NOOP", b"VRFY", b"HELP", b"RSET", b"HELO", b"EHLO"})
+#: Commands allowed before STARTTLS on a require_tls listener (Postfix's
+#: SMTPD_CMD_FLAG_PRE_TLS set, plus HELP).
+_PRE_TLS = frozenset({b"HELO", b"EHLO", b"STARTTLS", b"RSET", b"NOOP", b"QUIT", b"HELP"})
+
+#: RFC 4954 §4: the LOGIN prompts, base64 of "Username:" and "Password:".
+_LOGIN_USERNAME = "VXNlcm5hbWU6"
+_LOGIN_PASSWORD = "UGFzc3dvcmQ6"
+
+
+class _AuthBackendTimeout(Exception):
+    """The backend did not answer within AUTH_BACKEND_TIMEOUT."""
+
+
+def _b64(text: bytes) -> bytes:
+    """Decode an AUTH response; ``=`` is the empty response (RFC 4954 §4)."""
+    if text == b"=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SMTPReply(501, "5.5.2", "Cannot decode response") from None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _printable(arg: bytes) -> bool:
@@ -85,7 +140,20 @@ class SMTPServerFactory(ServerFactory):
         sink: ISubmissionSink,
         clock: IReactorTime,
         metrics: Metrics,
+        *,
+        tls: object | None = None,
+        auth_backend: IAuthBackend | None = None,
+        auth_limiter: AuthFailureTracker | None = None,
     ) -> None:
+        """
+        :param tls: the server TLS connection creator (``relayd.tls.ServerTLS``
+            or anything ``transport.startTLS`` takes) for STARTTLS; ``None``
+            on listeners without TLS.  Implicit TLS is wrapped around the
+            factory by the caller; the session just starts as TLS.
+        :param auth_backend: checks AUTH credentials; ``None``: no AUTH.
+        :param auth_limiter: the per-IP AUTH failure tracker shared by the
+            sessions (default: a new one from ``listener.limits``).
+        """
         self.listener = listener
         self.hostname = hostname
         self.sink = sink
@@ -94,6 +162,13 @@ class SMTPServerFactory(ServerFactory):
         self.policy = ListenerPolicy.from_config(listener)
         self.connections = 0
         self.connections_per_ip: dict[str, int] = {}
+        self.tls = tls
+        self.auth_backend = auth_backend
+        self.auth_limiter = auth_limiter or AuthFailureTracker(
+            clock, listener.limits.auth_failures, listener.limits.auth_block
+        )
+        self.auth_failure_delay = AUTH_FAILURE_DELAY
+        self.auth_timeout = AUTH_BACKEND_TIMEOUT
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         p = SMTPServerProtocol(self)
@@ -101,6 +176,7 @@ class SMTPServerFactory(ServerFactory):
         return p
 
 
+@implementer(IHandshakeListener)
 class SMTPServerProtocol(Protocol):
     """One SMTP session."""
 
@@ -127,6 +203,16 @@ class SMTPServerProtocol(Protocol):
         self._esmtp = False
         self._counted = False
         self._messages = 0
+        # TLS and AUTH state.  _tls: the session is encrypted (implicit TLS
+        # from the start, or after STARTTLS).  _need_helo: STARTTLS reset the
+        # session and the client must send EHLO again.  _sasl: the AUTH
+        # exchange in progress, a callable taking the next client line.
+        self._tls = factory.listener.tls == "implicit"
+        self._need_helo = False
+        self._sasl: Callable[[bytes], object] | None = None
+        self._user_senders: UserSenders | None = None
+        self._auth_delay: IDelayedCall | None = None
+        self._awaiting_handshake = False
         self._reset_transaction()
 
     # -- connection ------------------------------------------------------
@@ -138,6 +224,8 @@ class SMTPServerProtocol(Protocol):
             listener=self._listener.name, client_address=host, route=self._listener.route
         )
         self._trusted = self._f.policy.trusted_client(host)
+        if self._tls:
+            self._session.protocol = "SMTPS"
         m = self._f.metrics
         m.smtp_connections.labels(self._listener.name).inc()
         m.smtp_connections_active.labels(self._listener.name).inc()
@@ -157,17 +245,40 @@ class SMTPServerProtocol(Protocol):
             m.smtp_rejects.labels(self._listener.name, "421").inc()
             self._close(421, "4.7.0", f"{f.hostname} Error: too many connections from {host}")
             return
+        if self._auth_offered_on_listener and f.auth_limiter.blocked(host):
+            m.smtp_rejects.labels(self._listener.name, "421").inc()
+            self._close(421, "4.7.0", f"{f.hostname} Error: too many authentication failures")
+            return
+        if self._tls and INegotiated.providedBy(self.transport):
+            # Implicit TLS: greet once the handshake is done.  Writing the
+            # 220 earlier makes the TLS layer buffer it and pause us as a
+            # producer, and pausing stops the reads the handshake needs.
+            self._awaiting_handshake = True
+            self._touch()
+            return
+        self._start_session()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the implicit-TLS handshake is done (also
+        called after STARTTLS, when there is nothing left to do)."""
+        if self._awaiting_handshake:
+            self._awaiting_handshake = False
+            if self._mode != CLOSING:
+                self._start_session()
+
+    def _start_session(self) -> None:
         self.transport.registerProducer(self, True)
-        self._reply(220, None, f"{f.hostname} ESMTP relayd")
+        self._reply(220, None, f"{self._f.hostname} ESMTP relayd")
         self._touch()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._mode = CLOSING
         self.connected = False
-        for call in (self._idle, self._deadline):
+        for call in (self._idle, self._deadline, self._auth_delay):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._deadline = None
+        self._idle = self._deadline = self._auth_delay = None
+        self._sasl = None
         if self._receiver is not None:
             self._receiver.abort()
             self._receiver = None
@@ -191,6 +302,18 @@ class SMTPServerProtocol(Protocol):
     def _permitted(self) -> bool:
         """May this client relay?  mynetworks, or an authenticated user."""
         return self._trusted or (self._session is not None and self._session.user is not None)
+
+    @property
+    def _auth_offered_on_listener(self) -> bool:
+        return self._listener.auth != "none" and self._f.auth_backend is not None
+
+    @property
+    def _auth_allowed_here(self) -> bool:
+        """May this session AUTH now?  Under TLS, or plaintext from loopback
+        on a plaintext_auth listener (design invariant 3)."""
+        return self._auth_offered_on_listener and (
+            self._tls or (self._listener.plaintext_auth and _loopback(self._client))
+        )
 
     # -- timers ------------------------------------------------------------
 
@@ -289,12 +412,17 @@ class SMTPServerProtocol(Protocol):
                 if line is None:
                     break
                 self._touch()
-                self._dispatch(line)
+                if self._sasl is not None:
+                    self._sasl_line(line)
+                else:
+                    self._dispatch(line)
         finally:
             self._in_process = False
         self._update_reading()
 
     def _line_limit(self) -> int:
+        if self._sasl is not None:
+            return AUTH_LINE_LIMIT
         head = bytes(self._buf[:5]).upper()
         if head.startswith(b"AUTH"):
             return AUTH_LINE_LIMIT
@@ -329,7 +457,11 @@ class SMTPServerProtocol(Protocol):
                 line = line[:-1]
             if self._discarding or idx + 1 > limit:
                 self._discarding = False
-                self._error_reply(500, "5.5.2", "Line too long")
+                if self._sasl is not None:
+                    self._sasl = None
+                    self._error_reply(500, "5.5.6", "Authentication exchange line is too long")
+                else:
+                    self._error_reply(500, "5.5.2", "Line too long")
                 if self._mode != COMMAND:
                     return None
                 continue
@@ -350,6 +482,9 @@ class SMTPServerProtocol(Protocol):
                 self._count_error()
                 if self._mode != COMMAND:
                     return
+        if self._listener.require_tls and not self._tls and verb not in _PRE_TLS:
+            self._error_reply(530, "5.7.0", "Must issue a STARTTLS command first")
+            return
         try:
             result = handler(self, arg.strip(b" "))
         except SMTPReply as e:
@@ -393,23 +528,256 @@ class SMTPServerProtocol(Protocol):
             self._f.hostname,
             "PIPELINING",
             f"SIZE {self._listener.max_message_size}",
-            "ENHANCEDSTATUSCODES",
-            "8BITMIME",
-            "SMTPUTF8",
         ]
+        if self._starttls_offered:
+            lines.append("STARTTLS")
+        if self._auth_allowed_here:
+            # Never CRAM-MD5: it needs the plaintext password on our side.
+            lines.append("AUTH PLAIN LOGIN")
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
         out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
         self.transport.write(("\r\n".join(out) + "\r\n").encode("ascii"))
 
     def _greet(self, arg: bytes, esmtp: bool) -> None:
         assert self._session is not None
         self._session.helo = arg.decode("utf-8", "replace")[:255]
-        self._session.protocol = "ESMTP" if esmtp else "SMTP"
+        # RFC 3848: ESMTPS under TLS; cleanup adds the "A" for an
+        # authenticated session (ESMTPSA).
+        self._session.protocol = ("ESMTP" if esmtp else "SMTP") + ("S" if self._tls else "")
         self._esmtp = esmtp
+        self._need_helo = False
         self._reset_transaction()
 
+    @property
+    def _starttls_offered(self) -> bool:
+        return self._listener.tls == "starttls" and not self._tls
+
+    def do_STARTTLS(self, arg: bytes) -> None:
+        if self._tls:
+            raise SMTPReply(503, "5.5.1", "Error: TLS already active")
+        if self._listener.tls != "starttls":
+            # A listener without TLS does not know the command (as the
+            # existing unknown-command answer: 502 5.5.2).
+            raise SMTPReply(502, "5.5.2", "Error: command not recognized")
+        if arg:
+            raise SMTPReply(501, "5.5.4", "Syntax: STARTTLS")
+        if self._f.tls is None or not ITLSTransport.providedBy(self.transport):
+            raise SMTPReply(454, "4.7.0", "TLS not available due to local problem")
+        self._reply(220, "2.0.0", "Ready to start TLS")
+        # RFC 3207 §4.2 / CVE-2011-0411: nothing the client pipelined after
+        # STARTTLS in plaintext may be executed inside TLS.
+        self._buf.clear()
+        self._scan = 0
+        self._discarding = False
+        self.transport.startTLS(self._f.tls)  # type: ignore[attr-defined,arg-type]
+        self._tls = True
+        # ...and the session starts over: no HELO, no transaction, no AUTH.
+        assert self._session is not None
+        self._session.helo = ""
+        self._session.user = None
+        self._session.protocol = "SMTPS"
+        self._esmtp = False
+        self._need_helo = True
+        self._user_senders = None
+        self._sasl = None
+        self._reset_transaction()
+        log.debug("STARTTLS from [{client}]", client=self._client)
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------
+
+    def do_AUTH(self, arg: bytes) -> Deferred[None] | None:
+        assert self._session is not None
+        if not self._auth_offered_on_listener:
+            raise SMTPReply(502, "5.5.2", "Error: command not recognized")
+        if not self._auth_allowed_here:
+            if self._listener.tls == "none":
+                raise SMTPReply(503, "5.5.1", "Error: authentication not enabled")
+            raise SMTPReply(530, "5.7.0", "Must issue a STARTTLS command first")
+        if self._f.auth_limiter.blocked(self._client):
+            self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
+            self._close(421, "4.7.0", f"{self._f.hostname} Error: too many authentication failures")
+            return None
+        if self._need_helo or not self._session.helo:
+            raise SMTPReply(503, "5.5.1", "Error: send HELO/EHLO first")
+        if self._session.user is not None:
+            raise SMTPReply(503, "5.5.1", "Error: already authenticated")
+        if self._sender is not None:
+            raise SMTPReply(503, "5.5.1", "Error: MAIL transaction in progress")
+        mechanism, _, initial = arg.partition(b" ")
+        initial = initial.strip(b" ")
+        if not mechanism or b" " in initial:
+            raise SMTPReply(501, "5.5.4", "Syntax: AUTH mechanism")
+        mechanism = mechanism.upper()
+        if mechanism == b"PLAIN":
+            if initial:
+                return self._plain(initial)
+            self._sasl = self._plain
+            self._reply(334, None, "")
+            return None
+        if mechanism == b"LOGIN":
+            if initial:
+                return self._login_username(initial)
+            self._sasl = self._login_username
+            self._reply(334, None, _LOGIN_USERNAME)
+            return None
+        raise SMTPReply(504, "5.5.4", "Unsupported authentication mechanism")
+
+    def _sasl_line(self, line: bytes) -> None:
+        """The client's answer to a 334 challenge."""
+        step, self._sasl = self._sasl, None
+        assert step is not None
+        if line.strip(b" ") == b"*":
+            self._error_reply(501, "5.7.0", "Authentication aborted")
+            return
+        try:
+            result = step(line.strip(b" "))
+        except SMTPReply as e:
+            self._error_reply(e.code, e.enhanced, e.text)
+            return
+        if isinstance(result, Deferred):
+            self._wait(result)
+
+    def _plain(self, response: bytes) -> Deferred[None]:
+        """RFC 4616: ``authzid NUL authcid NUL passwd``."""
+        parts = _b64(response).split(b"\0")
+        if len(parts) != 3:
+            raise SMTPReply(501, "5.5.2", "Cannot decode response")
+        try:
+            authzid, authcid, password = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            raise SMTPReply(501, "5.5.2", "Cannot decode response") from None
+        if authzid and authzid != authcid:
+            # We do not let one user act for another.
+            return self._auth_failed(authcid, "PLAIN", "authorization identity differs")
+        return self._authenticate("PLAIN", authcid, password)
+
+    def _login_username(self, response: bytes) -> None:
+        try:
+            username = _b64(response).decode("utf-8")
+        except UnicodeDecodeError:
+            raise SMTPReply(501, "5.5.2", "Cannot decode response") from None
+
+        def password_step(line: bytes) -> Deferred[None]:
+            try:
+                password = _b64(line).decode("utf-8")
+            except UnicodeDecodeError:
+                raise SMTPReply(501, "5.5.2", "Cannot decode response") from None
+            return self._authenticate("LOGIN", username, password)
+
+        self._sasl = password_step
+        self._reply(334, None, _LOGIN_PASSWORD)
+
+    def _authenticate(self, mechanism: str, username: str, password: str) -> Deferred[None]:
+        if not username or not password:
+            # Never ask a backend about an empty password: an LDAP server
+            # takes it as an unauthenticated bind and says yes.
+            return self._auth_failed(username, mechanism, "empty user name or password")
+        backend = self._f.auth_backend
+        assert backend is not None
+
+        def lookup() -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            d.callback(None)
+            d.addCallback(lambda _: backend.authenticate(username, password))
+
+            def with_senders(user: str) -> Deferred[tuple[str, Any]]:
+                s = backend.sender_patterns(user)
+                if not isinstance(s, Deferred):
+                    raise TypeError(f"sender_patterns returned {s!r}, not a Deferred")
+                return s.addCallback(lambda patterns: (user, patterns))
+
+            d.addCallback(with_senders)
+            return d
+
+        d = self._timed(lookup())
+        result: Deferred[None] = Deferred()
+
+        def succeeded(answer: tuple[str, Any]) -> None:
+            user, patterns = answer
+            if self._mode == CLOSING:
+                result.callback(None)
+                return
+            assert self._session is not None
+            self._session.user = str(user)
+            self._user_senders = UserSenders.from_patterns(self._session.user, patterns)
+            self._f.metrics.auth_attempts.labels(self._listener.name, "success").inc()
+            log.info("AUTH {mechanism} from [{client}]: user={user}", mechanism=mechanism,
+                     client=self._client, user=self._session.user)
+            self._reply(235, "2.7.0", "Authentication successful")
+            result.callback(None)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(UnauthorizedLogin):
+                self._auth_failed(username, mechanism, "wrong credentials").chainDeferred(result)
+                return
+            self._f.metrics.auth_attempts.labels(self._listener.name, "error").inc()
+            if failure.check(_AuthBackendTimeout):
+                log.error("AUTH {mechanism} from [{client}]: the auth backend did not answer "
+                          "within {timeout}s", mechanism=mechanism, client=self._client,
+                          timeout=self._f.auth_timeout)
+            else:
+                log.failure("AUTH {mechanism} from [{client}]: auth backend error", failure,
+                            mechanism=mechanism, client=self._client)
+            result.errback(SMTPReply(454, "4.7.0", "Temporary authentication failure"))
+
+        d.addCallbacks(succeeded, failed)
+        return result
+
+    def _timed(self, d: Deferred[Any]) -> Deferred[Any]:
+        """``d``, or a failure with _AuthBackendTimeout if it is too slow."""
+        out: Deferred[Any] = Deferred()
+
+        def timeout() -> None:
+            out.errback(_AuthBackendTimeout())
+            d.cancel()
+
+        timer = self._f.clock.callLater(self._f.auth_timeout, timeout)
+
+        def done(r: Any) -> None:
+            if out.called:
+                return  # late: already answered 454; swallow (also CancelledError)
+            timer.cancel()
+            if isinstance(r, Failure):
+                out.errback(r)
+            else:
+                out.callback(r)
+
+        d.addBoth(done)
+        return out
+
+    def _auth_failed(self, username: str, mechanism: str, why: str) -> Deferred[None]:
+        """Count the failure now, answer 535 after the delay."""
+        host = self._client
+        name = self._listener.name
+        self._f.metrics.auth_attempts.labels(name, "failure").inc()
+        log.info("AUTH {mechanism} from [{client}] failed: {why} (user={user!r})",
+                 mechanism=mechanism, client=host, why=why, user=username[:64])
+        if self._f.auth_limiter.failure(host):
+            self._f.metrics.auth_blocked.labels(name).inc()
+            log.warn("[{client}] blocked on listener {listener} for {block}s after too many "
+                     "authentication failures", client=host, listener=name,
+                     block=self._f.auth_limiter.block)
+        d: Deferred[None] = Deferred()
+
+        def answer() -> None:
+            self._auth_delay = None
+            d.errback(SMTPReply(535, "5.7.8", "Error: authentication failed"))
+
+        if self._f.auth_failure_delay > 0:
+            self._auth_delay = self._f.clock.callLater(self._f.auth_failure_delay, answer)
+        else:
+            answer()
+        return d
+
     def do_MAIL(self, arg: bytes) -> None:
+        if self._need_helo:
+            raise SMTPReply(503, "5.5.1", "Error: send HELO/EHLO first")
         if self._sender is not None:
             raise SMTPReply(503, "5.5.1", "Error: nested MAIL command")
+        if self._listener.auth == "required" and (
+            self._session is None or self._session.user is None
+        ):
+            raise SMTPReply(530, "5.7.0", "Authentication required")
         limit = self._listener.limits.max_messages_per_session
         if limit is not None and self._messages >= limit:
             self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
@@ -441,6 +809,8 @@ class SMTPServerProtocol(Protocol):
             raise SMTPReply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
         self._f.sink.check_capacity()
         self._f.policy.check_sender(sender, self._permitted)
+        if self._user_senders is not None:
+            self._user_senders.check(sender)
         self._sender = sender
         self._smtputf8 = smtputf8
         self._body = body
@@ -539,6 +909,8 @@ class SMTPServerProtocol(Protocol):
         b"HELP": do_HELP,
         b"QUIT": do_QUIT,
         b"BDAT": do_BDAT,
+        b"STARTTLS": do_STARTTLS,
+        b"AUTH": do_AUTH,
     }
 
     def _decode(self, arg: bytes) -> str | None:
