@@ -31,7 +31,7 @@ def free_port() -> int:
 
 class PrivatePostfix:
     def __init__(self, directory: Path, cert: Path | None = None, key: Path | None = None,
-                 hostname: str = "smarthost.test") -> None:
+                 hostname: str = "smarthost.test", extra: dict | None = None) -> None:
         if not os.path.exists(POSTFIX) or not os.path.exists("/etc/postfix/master.cf"):
             pytest.skip("postfix is not installed")
         if os.geteuid() != 0:
@@ -47,6 +47,7 @@ class PrivatePostfix:
         self.mail = directory / "mail"
         self.maillog = directory / "maillog"
         self.cert, self.key, self.hostname = cert, key, hostname
+        self.extra = extra or {}
         self.port = 0
 
     @property
@@ -101,6 +102,9 @@ class PrivatePostfix:
                 "smtpd_tls_loglevel": "1",
                 "smtpd_tls_received_header": "yes",
             })
+        main.update(self.extra)
+        for k in [k for k, v in main.items() if v is None]:
+            del main[k]
         with open(self.conf / "main.cf", "w") as f:
             for k, v in main.items():
                 f.write(f"{k} = {v}\n")

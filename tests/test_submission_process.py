@@ -302,3 +302,68 @@ def test_swaks_wrong_password(setup) -> None:
               "--from", "alice@example.org", "--to", "someone@example.net")
     assert r.returncode != 0
     assert "535 5.7.8 Error: authentication failed" in r.stdout
+
+
+def test_msmtp_starttls_auth(setup, tmp_path: Path) -> None:
+    """msmtp (sendmail-compatible) submits over STARTTLS with AUTH PLAIN, verified."""
+    msmtp = need("msmtp")
+    relay, certs, d = setup
+    rc = tmp_path / "msmtprc"
+    rc.write_text(
+        "defaults\n"
+        "account relayd\n"
+        "host 127.0.0.1\n"
+        f"port {relay.ports['submission']}\n"
+        "tls on\ntls_starttls on\n"
+        f"tls_trust_file {certs.ca}\n"
+        "tls_host_override smtp.test\n"
+        "auth plain\nuser alice\npassword alice-pw\n"
+        "from app@example.org\n"
+        "account default : relayd\n"
+    )
+    rc.chmod(0o600)
+    out = subprocess.run(
+        [msmtp, "-C", str(rc), "-t"],
+        input="To: user@example.net\nSubject: via msmtp\n\nhello from msmtp\n",
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    [path] = wait_for(lambda: maildir(d, "outbox_a"), what="msmtp's message")
+    data = path.read_bytes()
+    assert b"Subject: via msmtp" in data and b"with ESMTPSA" in data
+
+
+def test_postfix_null_client_relays_through_relayd(setup, tmp_path: Path) -> None:
+    """A real Postfix null client (relayhost = relayd, SASL, smtp_tls_security_level =
+    encrypt): mail handed to it arrives through relayd."""
+    from tests.postfix import PrivatePostfix
+
+    relay, certs, d = setup
+    if not any(Path(p).glob("libplain.so*") for p in ("/usr/lib/x86_64-linux-gnu/sasl2",
+                                                      "/usr/lib/sasl2")):
+        pytest.skip("libsasl2-modules (PLAIN) is not installed")
+    client = PrivatePostfix(tmp_path / "nullclient", hostname="app-server.test", extra={
+        "relayhost": f"[127.0.0.1]:{relay.ports['submission']}",
+        "virtual_mailbox_domains": None, "virtual_mailbox_base": None,
+        "virtual_mailbox_maps": None, "virtual_uid_maps": None, "virtual_gid_maps": None,
+        "virtual_minimum_uid": None,
+        "smtp_sasl_auth_enable": "yes",
+        "smtp_sasl_password_maps": "static:alice:alice-pw",
+        "smtp_sasl_security_options": "noanonymous",
+        "smtp_tls_security_level": "encrypt",
+        "smtp_tls_CAfile": certs.ca,
+    })
+    client.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", client.port, timeout=30) as s:
+            s.sendmail("app@example.org", ["user@example.net"],
+                       "Subject: via postfix\r\n\r\nhello from a null client\r\n")
+        [path] = wait_for(lambda: maildir(d, "outbox_a"), timeout=60,
+                          what="the null client's message")
+        data = path.read_bytes()
+        assert b"Subject: via postfix" in data and b"with ESMTPSA" in data
+        assert "user=alice" in relay.log()
+        log = wait_for(lambda: "status=sent" in client.log() and client.log(), what="sent")
+        assert "TLS" in log or "Trusted TLS" in log or "relay=127.0.0.1" in log
+    finally:
+        client.stop()
