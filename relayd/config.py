@@ -1109,7 +1109,7 @@ def _listener(
         bare_newline=t.get("bare_newline", _choice("normalize", "reject"), d.bare_newline),
         tls_cert=tls_cert,
         tls_key=tls_key,
-        tls_min_version=t.get("tls_min_version", _choice("1.2", "1.3"), d.tls_min_version),
+        tls_min_version=t.get("tls_min_version", _choice("1.0", "1.1", "1.2", "1.3"), d.tls_min_version),
         plaintext_auth=plaintext_auth,
         proxy_protocol=proxy_protocol,
         proxy_trusted=proxy_trusted,

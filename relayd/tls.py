@@ -232,7 +232,15 @@ def client_tls_options(
 
 _log = Logger(namespace="relayd.tls")
 
-_SERVER_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_SERVER_VERSIONS = {
+    "1.0": ssl.TLSVersion.TLSv1_0,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+}
+#: Versions only old printers and scanners still need: OpenSSL 3 refuses them
+#: at its default security level, so they also lower that (SECLEVEL=0).
+LEGACY_VERSIONS = ("1.0", "1.1")
 
 
 def server_tls_files(config: Config, listener: ListenerConfig) -> tuple[str, str, str, str]:
@@ -327,14 +335,25 @@ class ServerTLS:
             raise ConfigError(
                 self.cert_path, "tls_min_version", f"unsupported TLS version {self.min_version!r}"
             )
+        legacy = self.min_version in LEGACY_VERSIONS
+        bound: dict[str, Any] = (
+            {"insecurelyLowerMinimumTo": version} if legacy else {"raiseMinimumTo": version}
+        )
         try:
             options = ssl.CertificateOptions(
                 privateKey=private,
                 certificate=chain[0],
                 extraCertChain=chain[1:],
-                raiseMinimumTo=version,
+                **bound,
             )
-            options.getContext()
+            context = options.getContext()
+            if legacy:
+                context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+                _log.warn(
+                    "listener {name}: tls_min_version = {version!r} allows obsolete TLS "
+                    "(for legacy clients); use 1.2 or newer where you can",
+                    name=self.name, version=self.min_version,
+                )
         except Exception as e:
             raise ConfigError(self.cert_path, self._cert_label, f"cannot use: {e}") from e
         subject = certs[0].get_subject().CN or ""
