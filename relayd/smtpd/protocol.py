@@ -180,9 +180,21 @@ class SMTPServerFactory(ServerFactory):
 class SMTPServerProtocol(Protocol):
     """One SMTP session."""
 
+    @property
+    def _t(self) -> Any:
+        """The transport, with the producer/TLS methods ITransport does not name."""
+        return self.transport
+
     def __init__(self, factory: SMTPServerFactory) -> None:
         self._f = factory
         self._listener = factory.listener
+        self._sender: str | None = None
+        self._recipients: list[str] = []
+        self._smtputf8 = False
+        self._body: str | None = None
+        self._receiver: IMessageReceiver | None = None
+        self._data_error: SMTPReply | None = None
+        self._size = 0
         self._buf = bytearray()
         self._scan = 0
         self._discarding = False
@@ -218,7 +230,7 @@ class SMTPServerProtocol(Protocol):
     # -- connection ------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self._t.getPeer()
         host = getattr(peer, "host", "") or ""
         self._session = Session(
             listener=self._listener.name, client_address=host, route=self._listener.route
@@ -267,7 +279,7 @@ class SMTPServerProtocol(Protocol):
                 self._start_session()
 
     def _start_session(self) -> None:
-        self.transport.registerProducer(self, True)
+        self._t.registerProducer(self, True)
         self._reply(220, None, f"{self._f.hostname} ESMTP relayd")
         self._touch()
 
@@ -342,14 +354,14 @@ class SMTPServerProtocol(Protocol):
         if pause != self._reading_paused and self.connected and self._mode != CLOSING:
             self._reading_paused = pause
             if pause:
-                self.transport.pauseProducing()
+                self._t.pauseProducing()
             else:
-                self.transport.resumeProducing()
+                self._t.resumeProducing()
 
     def _timed_out(self) -> None:
         if self._mode == CLOSING:
             # Our last reply never drained (the client stopped reading).
-            self.transport.abortConnection()
+            self._t.abortConnection()
             return
         log.info("timeout after {mode} from [{client}]", mode=self._mode, client=self._client)
         self._close(421, "4.4.2", f"{self._f.hostname} Error: timeout exceeded")
@@ -368,7 +380,7 @@ class SMTPServerProtocol(Protocol):
         self._reply(code, enhanced, text)
         self._mode = CLOSING
         self._buf.clear()
-        self.transport.loseConnection()
+        self._t.loseConnection()
         # If the client does not read, the close never completes: the next
         # idle timeout aborts the connection.
         self._touch()
@@ -503,6 +515,7 @@ class SMTPServerProtocol(Protocol):
     def _async_failed(self, failure: Failure) -> None:
         if failure.check(SMTPReply):
             e = failure.value
+            assert isinstance(e, SMTPReply)
             self._error_reply(e.code, e.enhanced, e.text)
         else:
             log.failure("error in SMTP session from [{client}]", failure, client=self._client)
@@ -536,7 +549,7 @@ class SMTPServerProtocol(Protocol):
             lines.append("AUTH PLAIN LOGIN")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
         out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
-        self.transport.write(("\r\n".join(out) + "\r\n").encode("ascii"))
+        self._t.write(("\r\n".join(out) + "\r\n").encode("ascii"))
 
     def _greet(self, arg: bytes, esmtp: bool) -> None:
         assert self._session is not None
@@ -569,7 +582,7 @@ class SMTPServerProtocol(Protocol):
         self._buf.clear()
         self._scan = 0
         self._discarding = False
-        self.transport.startTLS(self._f.tls)  # type: ignore[attr-defined,arg-type]
+        self._t.startTLS(self._f.tls)  # type: ignore[attr-defined,arg-type]
         self._tls = True
         # ...and the session starts over: no HELO, no transaction, no AUTH.
         assert self._session is not None
@@ -616,7 +629,8 @@ class SMTPServerProtocol(Protocol):
             return None
         if mechanism == b"LOGIN":
             if initial:
-                return self._login_username(initial)
+                self._login_username(initial)
+                return None
             self._sasl = self._login_username
             self._reply(334, None, _LOGIN_USERNAME)
             return None
@@ -976,18 +990,19 @@ class SMTPServerProtocol(Protocol):
             self._error_reply(451, "4.3.0", "Error: queue file write error")
             return
         e = failure.value
+        assert isinstance(e, SMTPReply)
         self._error_reply(e.code, e.enhanced, e.text)
 
     def _reset_transaction(self) -> None:
-        self._sender: str | None = None
-        self._recipients: list[str] = []
+        self._sender = None
+        self._recipients = []
         self._smtputf8 = False
-        self._body: str | None = None
-        receiver = getattr(self, "_receiver", None)
+        self._body = None
+        receiver = self._receiver
         if receiver is not None:
             receiver.abort()
-        self._receiver: IMessageReceiver | None = None
-        self._data_error: SMTPReply | None = None
+        self._receiver = None
+        self._data_error = None
         self._size = 0
 
     # -- replies -------------------------------------------------------------
@@ -996,7 +1011,7 @@ class SMTPServerProtocol(Protocol):
         if self._mode == CLOSING:
             return
         line = f"{code} {enhanced} {text}\r\n" if enhanced else f"{code} {text}\r\n"
-        self.transport.write(line.encode("utf-8"))
+        self._t.write(line.encode("utf-8"))
 
     def _error_reply(self, code: int, enhanced: str, text: str) -> None:
         """A 4xx/5xx: counted, and too many of them end the session
