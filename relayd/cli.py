@@ -22,7 +22,8 @@ def _run(config_option: str | None) -> int:
     from relayd.tap import check_files, load_config
 
     try:
-        check_files(load_config(config_option))
+        config = load_config(config_option)
+        check_files(config)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
@@ -31,7 +32,10 @@ def _run(config_option: str | None) -> int:
     class Options(ServerOptions):
         _getPlugins = staticmethod(lambda interface: [maker])  # type: ignore[assignment]
 
-    argv = ["--nodaemon", "--pidfile=", "relayd"]
+    argv = ["--nodaemon", "--pidfile="]
+    if config.server.log_format == "json":
+        argv.append("--logger=relayd.logs.json_observer")
+    argv.append("relayd")
     if config_option:
         argv += ["--config", config_option]
     options = Options()

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"\[relayd#info\] (listener (\S+)|http) listening on ([^\s:]+|\[[^\]]+\]):(\d+)")
+_LISTENING = re.compile(
+    r'(?:\[relayd#info\] |"message": ")(listener (\S+)|http) listening on ([^\s:]+|\[[^\]]+\]):(\d+)'
+)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

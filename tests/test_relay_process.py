@@ -543,3 +543,24 @@ def test_embedded_default_config(tmp_path: Path) -> None:
         wait_for(lambda: new.is_dir() and any(new.iterdir()), what="delivery to ./relayd-data")
     finally:
         relay.stop()
+
+
+def test_json_log_format(relay_factory) -> None:
+    """log_format = "json": every line is JSON, mail events carry their fields."""
+    relay = relay_factory(start=False)
+    text = relay.config_path.read_text().replace('hostname = "relay.test"',
+                                                 'hostname = "relay.test"\nlog_format = "json"')
+    relay.config_path.write_text(text)
+    relay.start()
+    with relay.smtp() as s:
+        s.sendmail("a@example.org", ["b@example.net"], message("json"))
+    relay.wait_delivered(1)
+    events = wait_for(
+        lambda: (ev := [json.loads(line) for line in relay.log().splitlines() if line.strip()])
+        and any(e.get("status") == "sent" for e in ev) and ev,
+        what="the sent event")
+    sent = next(e for e in events if e.get("status") == "sent")
+    assert sent["namespace"] == "relayd.mail" and sent["rcpt"] == "b@example.net"
+    assert sent["message"].startswith(f"{sent['queue_id']}: to=<b@example.net>")
+    received = next(e for e in events if e.get("message", "").endswith("client=[127.0.0.1]"))
+    assert received["queue_id"] == sent["queue_id"] and received["sender"] == "a@example.org"
