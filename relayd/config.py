@@ -339,12 +339,6 @@ def _refuse_unbuilt(config: Config) -> None:
     source = config.source
     for listener in config.listeners:
         label = f"listener[{listener.name}]"
-        if listener.proxy_protocol:
-            raise ConfigError(
-                source,
-                f"{label}.proxy_protocol",
-                "PROXY protocol is not available in this version of relayd yet",
-            )
         for key in ("messages_per_user", "messages_per_ip"):
             if getattr(listener.limits, key) is not None:
                 raise ConfigError(

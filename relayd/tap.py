@@ -34,6 +34,7 @@ from relayd.queue.schedule import RetrySchedule
 from relayd.queue.spool import Spool, control_socket_address, control_socket_path
 from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.protocol import SMTPServerFactory
+from relayd.smtpd.proxy import ProxyProtocolFactory
 from relayd.tls import ClientTLS, ServerTLS, server_tls_files
 from relayd.web import make_site
 
@@ -249,6 +250,11 @@ class RelayService(MultiService):
                 # TLS from the first byte; the endpoint string stays a plain
                 # tcp:/systemd: one so the certificate can be reloaded.
                 listening = TLSMemoryBIOFactory(tls, False, factory)
+            if listener.proxy_protocol:
+                # Outermost: the PROXY header comes before the TLS handshake
+                # and before the greeting.
+                listening = ProxyProtocolFactory(listening, listener.proxy_trusted, reactor,
+                                                 name=listener.name)
             service = ListenerService(f"listener {listener.name}", listener.listen.description,
                                       listening, reactor)
             service.setServiceParent(self)

@@ -1107,10 +1107,10 @@ def test_parse_default_source() -> None:
 
 
 
-def test_refuses_proxy_protocol() -> None:
-    e = error(one_listener(proxy_protocol="true", proxy_trusted='["10.0.0.0/8"]'))
-    assert e.key == "listener[a].proxy_protocol"
-    assert "not available in this version of relayd yet" in e.reason
+def test_accepts_proxy_protocol() -> None:
+    c = parse(one_listener(proxy_protocol="true", proxy_trusted='["10.0.0.0/8"]'))
+    assert c.listeners[0].proxy_protocol is True
+    assert [str(n) for n in c.listeners[0].proxy_trusted] == ["10.0.0.0/8"]
 
 
 def test_accepts_smarthost_route() -> None:

@@ -156,9 +156,9 @@ def test_config_accepts_tls_and_auth_listeners() -> None:
     assert submission_listener(tls="implicit").tls == "implicit"
 
 
-def test_config_still_refuses_proxy_protocol() -> None:
+def test_config_still_refuses_inbound_rate_limits() -> None:
     with pytest.raises(ConfigError, match="not available in this version"):
-        parse(listener_toml(proxy_protocol=True, proxy_trusted=["10.0.0.0/8"]), "<test>")
+        parse(listener_toml(messages_per_ip="10/h"), "<test>")
 
 
 def test_fake_backend_provides_the_interface() -> None:
