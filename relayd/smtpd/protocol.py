@@ -75,6 +75,9 @@ AUTH_BACKEND_TIMEOUT = 30.0
 
 COMMAND, DATA, CLOSING = "command", "data", "closing"
 
+#: HTTP methods and header lines: never SMTP (Postfix smtpd_forbidden_commands).
+_FORBIDDEN_VERBS = frozenset({b"GET", b"POST", b"CONNECT", b"HEAD", b"PUT", b"OPTIONS"})
+
 _JUNK = frozenset({b"NOOP", b"VRFY", b"HELP", b"RSET", b"HELO", b"EHLO"})
 #: Commands allowed before STARTTLS on a require_tls listener (Postfix's
 #: SMTPD_CMD_FLAG_PRE_TLS set, plus HELP).
@@ -486,6 +489,15 @@ class SMTPServerProtocol(Protocol):
         verb = verb.upper()
         handler = self._COMMANDS.get(verb)
         if handler is None:
+            if verb in _FORBIDDEN_VERBS or verb.endswith(b":"):
+                # A browser tricked into posting to the SMTP port (Postfix's
+                # smtpd_forbidden_commands): its body must never run as SMTP.
+                log.info("cross-protocol command {verb!r} from [{client}]; disconnecting",
+                         verb=verb[:20].decode("latin-1"), client=self._client)
+                self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
+                self._close(421, "4.7.0", f"{self._f.hostname} Error: I can break rules, too. "
+                            "Goodbye.")
+                return
             self._error_reply(502, "5.5.2", "Error: command not recognized")
             return
         if verb in _JUNK:
