@@ -293,7 +293,6 @@ def parse(text: str, source: str = "<string>") -> Config:
     first and the "not yet" answers last.
     """
     config = _validate(text, source)
-    _refuse_unbuilt(config)
     return config
 
 
@@ -322,30 +321,6 @@ def load(path: str) -> Config:
 def load_default() -> Config:
     """The embedded try-it-now config, used when no file is given."""
     return parse(DEFAULT_CONFIG_TEXT, DEFAULT_CONFIG_SOURCE)
-
-
-# ---------------------------------------------------------------------------
-# Not built yet
-# ---------------------------------------------------------------------------
-
-
-def _refuse_unbuilt(config: Config) -> None:
-    """Refuse valid settings that this version of relayd cannot honour yet.
-
-    Silently ignoring ``tls = "starttls"`` or a smarthost would accept mail
-    under promises the daemon does not keep, so these are errors.  Kept in one
-    place so each later version deletes the lines for what it has built.
-    """
-    source = config.source
-    for listener in config.listeners:
-        label = f"listener[{listener.name}]"
-        for key in ("messages_per_user", "messages_per_ip"):
-            if getattr(listener.limits, key) is not None:
-                raise ConfigError(
-                    source,
-                    f"{label}.{key}",
-                    "inbound rate limits are not available in this version of relayd yet",
-                )
 
 
 # ---------------------------------------------------------------------------

@@ -130,8 +130,6 @@ def test_shipped_sample_commented_blocks_are_valid_for_later_versions(tmp_path: 
     assert c.auth["corp"].bind_password == "s3cret"
     assert c.routes["default"].password == "s3cret"
     assert c.routes["default"].smarthost == (Smarthost("email-smtp.eu-west-1.amazonaws.com", 587),)
-    with pytest.raises(ConfigError, match="not available in this version"):
-        cfg._refuse_unbuilt(c)
 
 
 # --- defaults ----------------------------------------------------------------
@@ -1155,10 +1153,9 @@ def test_render_round_trips(text: str) -> None:
     assert cfg._validate(rendered, "a.toml") == c
 
 
-def test_inbound_rate_limits_refused_until_built() -> None:
-    e = error('[limits]\nmessages_per_ip = "50/h"\n' + MINIMAL)
-    assert e.key.endswith(".messages_per_ip")
-    assert "not available in this version" in e.reason
+def test_inbound_rate_limits_accepted() -> None:
+    c = parse('[limits]\nmessages_per_ip = "50/h"\n' + MINIMAL)
+    assert c.listeners[0].limits.messages_per_ip == Rate(50, 3600.0)
 
 
 def test_render_round_trips_the_sample() -> None:

@@ -1222,3 +1222,18 @@ def test_recording_sink_contract_checks():
         receiver.abort()
     with pytest.raises(AssertionError):
         receiver.write(b"late")
+
+
+def test_message_rate_per_client_ip():
+    """messages_per_ip: MAIL past the rate gets 450 4.7.1; the bucket refills with time."""
+    c = Conversation(messages_per_ip="2/m")
+    c.send("EHLO client.test\r\n")
+    for _ in range(2):
+        assert c.send("MAIL FROM:<a@example.org>\r\n") == ["250 2.1.0 Ok"]
+        c.send("RSET\r\n")
+    assert c.send("MAIL FROM:<a@example.org>\r\n") == [
+        "450 4.7.1 Error: too much mail from 127.0.0.1"]
+    c.clock.advance(30)
+    assert c.send("MAIL FROM:<a@example.org>\r\n") == ["250 2.1.0 Ok"]
+    assert sample(c.metrics, "relayd_smtp_rejects_total", {"listener": c.listener.name,
+                                                            "code": "450"}) == 1

@@ -17,7 +17,6 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from relayd.config import parse
-from relayd.errors import ConfigError
 from relayd.interfaces import IAuthBackend
 from relayd.metrics import Metrics
 from relayd.smtpd.authlimit import AuthFailureTracker
@@ -156,9 +155,10 @@ def test_config_accepts_tls_and_auth_listeners() -> None:
     assert submission_listener(tls="implicit").tls == "implicit"
 
 
-def test_config_still_refuses_inbound_rate_limits() -> None:
-    with pytest.raises(ConfigError, match="not available in this version"):
-        parse(listener_toml(messages_per_ip="10/h"), "<test>")
+def test_config_accepts_proxy_protocol_and_rate_limits() -> None:
+    config = parse(listener_toml(proxy_protocol=True, proxy_trusted=["10.0.0.0/8"],
+                                 messages_per_ip="10/h"), "<test>")
+    assert config.listeners[0].proxy_protocol is True
 
 
 def test_fake_backend_provides_the_interface() -> None:
@@ -847,3 +847,16 @@ def test_implicit_tls_handshake_that_never_ends_times_out() -> None:
     protocol.makeConnection(transport)
     env.clock.advance(60)
     assert transport.disconnecting
+
+
+def test_message_rate_per_user_follows_the_user_across_sessions() -> None:
+    """messages_per_user: a leaked password cannot drain the quota from many sessions."""
+    env = Env(messages_per_user="2/h")
+    for expected in ("250 2.1.0 Ok", "250 2.1.0 Ok",
+                     "450 4.7.1 Error: too much mail from user alice"):
+        s = env.tls_session()
+        assert s.send(f"AUTH PLAIN {plain('alice', 'secret')}\r\n") == [AUTH_OK]
+        assert s.send("MAIL FROM:<a@example.org>\r\n") == [expected]
+    other = env.tls_session()
+    assert other.send(f"AUTH PLAIN {plain('bob', 'hunter2')}\r\n") == [AUTH_OK]
+    assert other.send("MAIL FROM:<b@example.org>\r\n") == ["250 2.1.0 Ok"]

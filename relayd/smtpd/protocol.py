@@ -49,6 +49,7 @@ from relayd.smtpd.address import AddressSyntaxError, parse_params, parse_path
 from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.datareader import DataReader
 from relayd.smtpd.policy import ListenerPolicy, UserSenders
+from relayd.smtpd.ratelimit import MessageRateLimiter
 
 log = Logger(namespace="relayd.smtpd")
 maillog = Logger(namespace="relayd.mail")
@@ -170,6 +171,11 @@ class SMTPServerFactory(ServerFactory):
         self.auth_limiter = auth_limiter or AuthFailureTracker(
             clock, listener.limits.auth_failures, listener.limits.auth_block
         )
+        limits = listener.limits
+        self.user_rate = (MessageRateLimiter(clock, limits.messages_per_user)
+                          if limits.messages_per_user else None)
+        self.ip_rate = (MessageRateLimiter(clock, limits.messages_per_ip)
+                        if limits.messages_per_ip else None)
         self.auth_failure_delay = AUTH_FAILURE_DELAY
         self.auth_timeout = AUTH_BACKEND_TIMEOUT
 
@@ -837,10 +843,27 @@ class SMTPServerProtocol(Protocol):
         self._f.policy.check_sender(sender, self._permitted)
         if self._user_senders is not None:
             self._user_senders.check(sender)
+        self._check_rates()
         self._sender = sender
         self._smtputf8 = smtputf8
         self._body = body
         self._reply(250, "2.1.0", "Ok")
+
+    def _check_rates(self) -> None:
+        """450 4.7.1 past ``messages_per_user`` / ``messages_per_ip``: checked
+        last at MAIL, so only a MAIL that would be accepted spends a token."""
+        user = self._session.user if self._session else None
+        if user is not None and self._f.user_rate is not None:
+            if not self._f.user_rate.take(user):
+                maillog.info("NOQUEUE: reject: MAIL from [{client}]: 450 4.7.1 message rate "
+                             "exceeded for user={user} listener={listener}",
+                             client=self._client, user=user, listener=self._listener.name)
+                raise SMTPReply(450, "4.7.1", f"Error: too much mail from user {user}")
+        if self._f.ip_rate is not None and not self._f.ip_rate.take(self._client):
+            maillog.info("NOQUEUE: reject: MAIL from [{client}]: 450 4.7.1 message rate "
+                         "exceeded listener={listener}", client=self._client,
+                         listener=self._listener.name)
+            raise SMTPReply(450, "4.7.1", f"Error: too much mail from {self._client}")
 
     def do_RCPT(self, arg: bytes) -> None:
         if self._sender is None:
