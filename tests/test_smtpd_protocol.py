@@ -1237,3 +1237,40 @@ def test_message_rate_per_client_ip():
     assert c.send("MAIL FROM:<a@example.org>\r\n") == ["250 2.1.0 Ok"]
     assert sample(c.metrics, "relayd_smtp_rejects_total", {"listener": c.listener.name,
                                                             "code": "450"}) == 1
+
+
+def _second_session(first, client_ip="127.0.0.1"):
+    """Another connection to the same listener (same factory, same counters)."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    proto = first.protocol.factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", client_ip, 4242))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_max_connections_overall_and_per_ip():
+    """Past max_connections / max_connections_per_ip: 421 4.7.0 and close; a slot frees."""
+    c = Conversation(max_connections=2, max_connections_per_ip=1)
+    refused, same_ip = _second_session(c)
+    assert same_ip.value().startswith(b"421 4.7.0 relay.test Error: too many connections from")
+    assert same_ip.disconnecting
+    other, other_t = _second_session(c, "127.0.0.2")
+    assert other_t.value().startswith(b"220 ")
+    refused_too, third = _second_session(c, "127.0.0.3")
+    assert third.value().startswith(b"421 4.7.0 relay.test Error: too many connections")
+    for proto in (refused, refused_too, other):  # the transports report the closes
+        proto.connectionLost(None)
+    _, fourth = _second_session(c, "127.0.0.4")
+    assert fourth.value().startswith(b"220 ")
+
+
+def test_recipient_overshoot_eventually_counts_as_errors():
+    """Endless RCPTs past max_recipients end the session once the overshoot limit is spent."""
+    c = Conversation(max_recipients=1)
+    c.send("EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+    replies = c.send("RCPT TO:<x@example.net>\r\n" * 1100)
+    assert replies.count("452 4.5.3 Error: too many recipients") > 1000
+    assert replies[-1] == "421 4.7.0 relay.test Error: too many errors"
+    assert c.transport.disconnecting

@@ -64,6 +64,9 @@ AUTH_LINE_LIMIT = 12288
 #: Pipelined input held while a reply is pending; beyond it reading stops
 #: (TCP back-pressure) rather than growing the buffer.
 PIPELINE_BUFFER_LIMIT = 64 * 1024
+#: Postfix smtpd_recipient_overshoot_limit: RCPTs past max_recipients that
+#: are answered 452 before they start counting as errors.
+RECIPIENT_OVERSHOOT_LIMIT = 1000
 #: Postfix smtpd_junk_command_limit: NOOP/VRFY/HELP/RSET before they count
 #: as errors.
 JUNK_COMMAND_LIMIT = 100
@@ -224,6 +227,7 @@ class SMTPServerProtocol(Protocol):
         self._esmtp = False
         self._counted = False
         self._messages = 0
+        self._overshoot = 0
         # TLS and AUTH state.  _tls: the session is encrypted (implicit TLS
         # from the start, or after STARTTLS).  _need_helo: STARTTLS reset the
         # session and the client must send EHLO again.  _sasl: the AUTH
@@ -887,6 +891,9 @@ class SMTPServerProtocol(Protocol):
             # limit (smtpd_recipient_overshoot_limit) and sends the rest later.
             self._f.metrics.smtp_rejects.labels(self._listener.name, "452").inc()
             self._reply(452, "4.5.3", "Error: too many recipients")
+            self._overshoot += 1
+            if self._overshoot > RECIPIENT_OVERSHOOT_LIMIT:
+                self._count_error()
             return
         try:
             self._f.policy.check_recipient(recipient, self._permitted)
