@@ -1256,11 +1256,12 @@ def test_max_connections_overall_and_per_ip():
     refused, same_ip = _second_session(c)
     assert same_ip.value().startswith(b"421 4.7.0 relay.test Error: too many connections from")
     assert same_ip.disconnecting
+    refused.connectionLost(None)  # the transport reports the close
     other, other_t = _second_session(c, "127.0.0.2")
     assert other_t.value().startswith(b"220 ")
     refused_too, third = _second_session(c, "127.0.0.3")
     assert third.value().startswith(b"421 4.7.0 relay.test Error: too many connections")
-    for proto in (refused, refused_too, other):  # the transports report the closes
+    for proto in (refused_too, other):
         proto.connectionLost(None)
     _, fourth = _second_session(c, "127.0.0.4")
     assert fourth.value().startswith(b"220 ")
