@@ -224,6 +224,19 @@ def run(config: Config, command: str, ids: list[str], everything: bool, sender: 
             os.close(lock)
 
 
+def drain(config: Config) -> None:
+    """Ask the running daemon to drain (``relayd drain``)."""
+    directory = config.server.spool
+    if not os.path.isdir(os.path.join(directory, "messages")):
+        raise AdminError(f"no spool at {directory}")
+    spool = Spool(directory, _WallClock(), InlineDiskWriter())  # type: ignore[arg-type]
+    lock = spool.lock()
+    if lock is not None:
+        os.close(lock)
+        raise AdminError("relayd is not running on this spool")
+    list(OnlineQueue(control_socket_address(directory)).request({"op": "drain"}))
+
+
 def _online(q: OnlineQueue, command: str, ids: list[str], everything: bool,
             sender: str | None, as_json: bool, out: TextIO) -> int:
     if command == "list":

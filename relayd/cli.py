@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+    drain = sub.add_parser("drain", help="stop accepting mail (readiness 503), keep delivering")
+    drain.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
+                       help="config file (default: $RELAYD_CONFIG, else the embedded default)")
     queue = sub.add_parser("queue", help="list and manage queued mail (mailq/postsuper)")
     queue.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
@@ -110,7 +113,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(config_option)
     if args.command == "queue":
         return _queue(config_option, args)
+    if args.command == "drain":
+        return _drain(config_option)
     return _run(config_option)
+
+
+def _drain(config_option: str | None) -> int:
+    from relayd.admin import AdminError, drain
+    from relayd.tap import load_config
+
+    try:
+        drain(load_config(config_option))
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except AdminError as e:
+        print(f"relayd drain: {e}", file=sys.stderr)
+        return 1
+    print("relayd is draining: no new SMTP connections; queued mail is still delivered")
+    return 0
 
 
 def _queue(config_option: str | None, args: argparse.Namespace) -> int:

@@ -11,8 +11,10 @@ through the queue manager, which knows what is in flight: that is what makes
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -28,8 +30,9 @@ OPERATIONS = ("flush", "hold", "release", "delete", "bounce")
 class ControlProtocol(Protocol):
     """One admin client: requests in, JSON lines out."""
 
-    def __init__(self, qmgr: QueueManager) -> None:
+    def __init__(self, qmgr: QueueManager, drain: Callable[[], object] | None = None) -> None:
         self._qmgr = qmgr
+        self._drain = drain
         self._buf = b""
 
     def dataReceived(self, data: bytes) -> None:
@@ -64,6 +67,10 @@ class ControlProtocol(Protocol):
                 found = self._qmgr.describe(str(request.get("id", "")))
                 self._send({"done": True, "message": found} if found else
                            {"error": f"no message {request.get('id')!r} in the queue"})
+            elif op == "drain" and self._drain is not None:
+                drained = maybeDeferred(self._drain)
+                drained.addCallback(lambda _: self._send({"done": True, "draining": True}))
+                drained.addErrback(lambda f: self._send({"error": f.getErrorMessage()}))
             elif op in OPERATIONS:
                 ids = self._qmgr.select(request.get("ids"), bool(request.get("all")),
                                         request.get("sender"))
@@ -80,8 +87,9 @@ class ControlProtocol(Protocol):
 class ControlFactory(Factory):
     noisy = False
 
-    def __init__(self, qmgr: QueueManager) -> None:
+    def __init__(self, qmgr: QueueManager, drain: Callable[[], object] | None = None) -> None:
         self._qmgr = qmgr
+        self._drain = drain
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self._qmgr)
+        return ControlProtocol(self._qmgr, self._drain)

@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -191,6 +192,7 @@ class RelayService(MultiService):
         self.metrics = Metrics()
         self.hostname = resolve_hostname(config.server.hostname)
         self.started = reactor.seconds()
+        self.draining = False
         self.disk = DiskWriter(reactor)
         self.spool = Spool(config.server.spool, reactor, self.disk)
         couriers: dict[str, ICourier] = {}
@@ -260,7 +262,7 @@ class RelayService(MultiService):
             service.setServiceParent(self)
             self.listeners.append(service)
         self.control = ListenerService(
-            "control", "", ControlFactory(self.qmgr), reactor
+            "control", "", ControlFactory(self.qmgr, self.drain), reactor
         )
         self.control.setServiceParent(self)
         self.http: ListenerService | None = None
@@ -362,6 +364,17 @@ class RelayService(MultiService):
             smtp_port=(self.listeners[0].address or "127.0.0.1:1025").rsplit(":", 1)[1],
         )
 
+    def drain(self) -> Any:
+        """Stop accepting mail (readiness goes 503, the SMTP listeners close)
+        while queued mail keeps being delivered: for a load balancer to take
+        this instance out before it is stopped or upgraded."""
+        if self.draining:
+            return None
+        self.draining = True
+        log.info("draining: no new SMTP connections; deliveries go on")
+        stops = [svc.stopService() for svc in self.listeners if svc.running]
+        return gatherResults([d for d in stops if d is not None], consumeErrors=True)
+
     def status(self) -> dict[str, Any]:
         """Everything /status shows."""
         routes = {}
@@ -372,6 +385,7 @@ class RelayService(MultiService):
             routes[name] = {"destination": destination, **states.get(name, {})}
         return {
             "version": relayd.__version__,
+            "draining": self.draining,
             "hostname": self.hostname,
             "uptime_seconds": self.reactor.seconds() - self.started,
             "listeners": [

@@ -38,12 +38,14 @@ class Liveness(_Leaf):
 
 
 class Readiness(_Leaf):
-    """503 while a listener is down or the spool cannot be written."""
+    """503 while draining, while a listener is down or the spool cannot be
+    written: the probe a load balancer or Kubernetes uses to route mail."""
 
     def render_GET(self, request: Request) -> bytes:
         status = self._status()
-        problems = [f"listener {x['name']} is not listening" for x in status["listeners"]
-                    if not x["listening"]]
+        problems = ["draining"] if status.get("draining") else []
+        problems += [f"listener {x['name']} is not listening" for x in status["listeners"]
+                     if not x["listening"]]
         if not status["spool"]["writable"]:
             problems.append("spool is not writable")
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")

@@ -131,3 +131,37 @@ def test_bad_queue_id_and_usage(relay: Relay, tmp_path: Path) -> None:
     assert queue(relay, "hold").returncode == 2
     out = queue(relay, "show", "../../etc/passwd")
     assert out.returncode == 1
+
+
+def test_drain_turns_readiness_off_and_keeps_delivering(relay_factory) -> None:
+    """relayd drain: /healthz/ready 503, no new SMTP connections, queued mail still goes out."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    relay = blocked_relay(relay_factory)
+    send(relay, "app@example.org", "queued before drain")
+    deferred_ids(relay, 1)
+    out = subprocess.run([sys.executable, "-m", "relayd.cli", "drain", "--config",
+                          str(relay.config_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    url = f"http://127.0.0.1:{relay.ports['http']}/healthz/ready"
+    try:
+        urllib.request.urlopen(url, timeout=10)
+        raise AssertionError("ready while draining")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503 and b"draining" in e.read()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", relay.smtp_port)) != 0
+    relay.outbox.unlink()
+    assert queue(relay, "flush").returncode == 0
+    [path] = relay.wait_delivered(1)
+    assert b"queued before drain" in path.read_bytes()
+
+
+def test_drain_without_daemon_fails(relay_factory) -> None:
+    relay = blocked_relay(relay_factory)
+    relay.stop()
+    out = subprocess.run([sys.executable, "-m", "relayd.cli", "drain", "--config",
+                          str(relay.config_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "not running" in out.stderr
