@@ -564,3 +564,14 @@ def test_json_log_format(relay_factory) -> None:
     assert sent["message"].startswith(f"{sent['queue_id']}: to=<b@example.net>")
     received = next(e for e in events if e.get("message", "").endswith("client=[127.0.0.1]"))
     assert received["queue_id"] == sent["queue_id"] and received["sender"] == "a@example.org"
+
+
+def test_tcp_listeners_get_a_deep_listen_queue() -> None:
+    """TCP listeners default to backlog=1024 (Twisted's 50 dropped SYNs under bursts)."""
+    from relayd.tap import with_backlog
+
+    assert with_backlog("tcp:25") == "tcp:25:backlog=1024"
+    assert with_backlog("tcp:0:interface=127.0.0.1") == "tcp:0:interface=127.0.0.1:backlog=1024"
+    assert with_backlog("tcp:25:backlog=10") == "tcp:25:backlog=10"
+    assert with_backlog("unix:/x/control.sock:mode=600") == "unix:/x/control.sock:mode=600"
+    assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
