@@ -1101,7 +1101,7 @@ def table_header(meta: dict[str, Any], cells: list[Cell]) -> list[str]:
             f"({'connections reused' if w['reuse_connections'] else 'one connection per message'}"
             "), 1 rcpt; relayd [route.up] smarthost, tls = none, concurrency = "
             f"{w['concurrency']}, listen backlog "
-            f"{w.get('relayd_backlog') or 'default (Twisted: 50)'}; Postfix relayhost, "
+            f"{w.get('relayd_backlog') or 'default (relayd: 1024)'}; Postfix relayhost, "
             f"default_destination_concurrency_limit = {w['concurrency']}, smtpd backlog 100")
     else:
         out.append(
@@ -1109,7 +1109,7 @@ def table_header(meta: dict[str, Any], cells: list[Cell]) -> list[str]:
             f"{' -d' if w['reuse_connections'] else ''} "
             f"({'connections reused' if w['reuse_connections'] else 'one connection per message'}"
             f"), 1 rcpt, delivery into one maildir, concurrency {w['concurrency']}, relayd listen "
-            f"backlog {w.get('relayd_backlog') or 'default (Twisted: 50)'}")
+            f"backlog {w.get('relayd_backlog') or 'default (relayd: 1024)'}")
     out.append("cells (sessions x size: messages): "
                + ", ".join(f"{c.sessions}x{human_size(c.size)}: {c.messages}" for c in cells)
                + f"; {w['runs']} run(s) each, MEDIANS shown")
