@@ -31,7 +31,8 @@ from relayd.envelope import QueuedMessage
 from relayd.errors import QueueFull, SMTPReply
 from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
 from relayd.queue.spool import Spool
-from relayd.testing import LogCapture, MemorySpool
+from relayd.testing import LogCapture, MemorySpool, failure_of
+from relayd.testing import result_of as result
 
 NOW = 1_700_000_000.0
 #: NOW as RFC 5322 dates it.
@@ -92,20 +93,8 @@ class Harness:
         return queue_id, self.stored(queue_id)
 
 
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
-def failure_of(d: Deferred[Any]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out and hasattr(out[0], "value"), f"expected a failure, got {out!r}"
-    return out[0].value
 
 
 def make(spool: Any = None, clock: Clock | None = None, **kw: Any) -> Harness:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyObject
 
 from relayd import diskio
@@ -18,6 +17,8 @@ from relayd.diskio import InlineDiskWriter
 from relayd.envelope import DeliveryResult, Envelope
 from relayd.errors import TransientDeliveryError
 from relayd.interfaces import ICourier
+from relayd.testing import failure_of
+from relayd.testing import result_of as result
 
 QID = "0A24181E40001DE47822"
 ARRIVAL = 1_700_000_000.75
@@ -32,20 +33,8 @@ def envelope(**kw: Any) -> Envelope:
     return Envelope(**base)
 
 
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
-def failure_of(d: Deferred[Any]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out and hasattr(out[0], "value"), f"expected a failure, got {out!r}"
-    return out[0].value
 
 
 def courier(tmp_path: Path, host: str = "mx.test") -> tuple[MaildirCourier, Path]:

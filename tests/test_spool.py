@@ -17,6 +17,7 @@ from relayd.diskio import DiskWriter, InlineDiskWriter
 from relayd.envelope import Envelope, QueuedMessage, is_queue_id, new_queue_id
 from relayd.queue import spool as spool_module
 from relayd.queue.spool import Spool
+from relayd.testing import result_of as result
 
 
 def envelope(**kw) -> Envelope:
@@ -35,13 +36,6 @@ def make_spool(tmp_path: Path, clock: Clock | None = None) -> Spool:
     return s
 
 
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def commit(spool: Spool, content: bytes, env: Envelope | None = None) -> QueuedMessage:

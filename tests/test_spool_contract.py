@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from attrs import evolve
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -24,7 +23,8 @@ from relayd.envelope import Envelope, QueuedMessage, is_queue_id
 from relayd.interfaces import ISpool, ISpoolWriter
 from relayd.queue import spool as spool_module
 from relayd.queue.spool import Spool
-from relayd.testing import MemorySpool
+from relayd.testing import MemorySpool, failure_of
+from relayd.testing import result_of as result
 
 NOW = 1_700_000_000.0
 
@@ -39,22 +39,8 @@ def envelope(**kw: Any) -> Envelope:
     return Envelope(**base)
 
 
-def result(d: Deferred[Any]) -> Any:
-    """The value of a Deferred that has fired (both spools answer at once)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
-def failure_of(d: Deferred[Any]) -> BaseException:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    assert hasattr(out[0], "value"), f"expected a failure, got {out[0]!r}"
-    return out[0].value
 
 
 def make_real(tmp_path: Path, clock: Clock) -> Spool:
