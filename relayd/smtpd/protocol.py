@@ -224,7 +224,6 @@ class SMTPServerProtocol(Protocol):
         self._deadline: IDelayedCall | None = None
         self._session: Session | None = None
         self._trusted = False
-        self._esmtp = False
         self._counted = False
         self._messages = 0
         self._overshoot = 0
@@ -579,7 +578,6 @@ class SMTPServerProtocol(Protocol):
         # RFC 3848: ESMTPS under TLS; cleanup adds the "A" for an
         # authenticated session (ESMTPSA).
         self._session.protocol = ("ESMTP" if esmtp else "SMTP") + ("S" if self._tls else "")
-        self._esmtp = esmtp
         self._need_helo = False
         self._reset_transaction()
 
@@ -611,7 +609,6 @@ class SMTPServerProtocol(Protocol):
         self._session.helo = ""
         self._session.user = None
         self._session.protocol = "SMTPS"
-        self._esmtp = False
         self._need_helo = True
         self._user_senders = None
         self._sasl = None
