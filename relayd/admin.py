@@ -23,7 +23,15 @@ from attrs import evolve
 from relayd.bounce import build_dsn
 from relayd.config import Config
 from relayd.diskio import InlineDiskWriter
-from relayd.envelope import BOUNCED, Envelope, QueuedMessage, RecipientResult, is_queue_id
+from relayd.envelope import (
+    BOUNCED,
+    Envelope,
+    Event,
+    QueuedMessage,
+    RecipientResult,
+    is_queue_id,
+    message_details,
+)
 from relayd.queue.spool import CorruptMessage, Spool, control_socket_address
 
 OPERATIONS = ("flush", "hold", "release", "delete", "bounce")
@@ -93,7 +101,10 @@ class OfflineQueue:
                     continue
 
     def describe(self, queue_id: str) -> dict[str, Any]:
-        return _entry(self._read(queue_id), time.time())
+        if not is_queue_id(queue_id):
+            raise AdminError(f"no message {queue_id} in the queue")
+        message = self._read(queue_id)
+        return {**_entry(message, time.time()), **message_details(message)}
 
     def select(self, ids: list[str], everything: bool, sender: str | None) -> list[str]:
         if everything:
@@ -113,9 +124,10 @@ class OfflineQueue:
                 continue
             message = self._read(qid)
             if op == "hold":
-                self._save(evolve(message, held=True))
+                self._save(evolve(message, held=True).with_events(Event.of(time.time(), "held")))
             elif op == "release":
-                self._save(evolve(message, held=False, next_attempt=0.0))
+                self._save(evolve(message, held=False, next_attempt=0.0).with_events(
+                    Event.of(time.time(), "released")))
             elif op == "flush":
                 if not message.held:
                     self._save(evolve(message, next_attempt=0.0))
@@ -204,6 +216,67 @@ def print_entry(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
         out.write(f"    ({entry['last_error']})\n")
 
 
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def history_line(event: dict[str, Any]) -> str:
+    """One history event as a line in the style of the mail log:
+    ``2026-11-22T10:00:00Z deferred to=<b@y> route=default relay=smtp.x[1.2.3.4]:587
+    (451 4.3.0 try later)``."""
+    words = [_utc(event["time"]), event["event"]]
+    if event["event"] == "received":
+        words.append(f"from=<{event['from']}>")
+        words += [f"{key}={event[name]}" for key, name in
+                  (("size", "size"), ("nrcpt", "nrcpt"), ("listener", "listener"),
+                   ("client", "client"), ("helo", "helo"), ("user", "user"))
+                  if event.get(name) not in (None, "")]
+        return " ".join(words)
+    if event.get("recipients"):
+        more = f" (+{event['more']} more)" if event.get("more") else ""
+        words.append("to=" + ",".join(f"<{r}>" for r in event["recipients"]) + more)
+    for key in ("route", "relay"):
+        if event.get(key):
+            words.append(f"{key}={event[key]}")
+    if event.get("reply"):
+        words.append(f"({event['reply']})")
+    return " ".join(words)
+
+
+def print_show(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
+    """``relayd queue show``: the envelope, then the history in time order."""
+    if as_json:
+        out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        return
+    pending = set(entry["recipients"])
+    nxt = entry.get("next_attempt")
+    state = entry["state"] + (f", retry in {_human_age(nxt - time.time())}" if nxt else "")
+    fields = [
+        ("queue id", entry["id"]),
+        ("state", f"{state} (attempts: {entry['attempts']})"),
+        ("sender", f"<{entry['sender']}>"),
+        ("recipients", ", ".join(f"<{r}>" + ("" if r in pending else " (done)")
+                                 for r in entry.get("all_recipients", entry["recipients"]))),
+        ("route", entry["route"]),
+        ("arrival", f"{_utc(entry['arrival'])} ({_human_age(entry['age'])} ago)"),
+        ("size", str(entry["size"])),
+        ("listener", entry["listener"]),
+        ("client", entry.get("client_address") or "-"),
+        ("helo", entry.get("helo") or "-"),
+        ("user", entry.get("user") or "-"),
+        ("last error", entry.get("last_error") or "-"),
+    ]
+    for name, value in fields:
+        out.write(f"{name + ':':<12} {value}\n")
+    out.write("\n")
+    history = entry.get("history", [])
+    for i, event in enumerate(history):
+        out.write(history_line(event) + "\n")
+        # history[0] is the arrival, history[1] the first event kept.
+        if i == 1 and entry.get("history_omitted"):
+            out.write(f"... {entry['history_omitted']} more events not kept ...\n")
+
+
 def run(config: Config, command: str, ids: list[str], everything: bool, sender: str | None,
         as_json: bool, out: TextIO = sys.stdout) -> int:
     """Carry out one ``relayd queue`` command; returns the exit status."""
@@ -250,7 +323,7 @@ def _online(q: OnlineQueue, command: str, ids: list[str], everything: bool,
         return 0
     if command == "show":
         [reply] = list(q.request({"op": "show", "id": ids[0]}))
-        print_entry(reply["message"], out, as_json)
+        print_show(reply["message"], out, as_json)
         return 0
     request = {"op": command, "ids": ids, "all": everything, "sender": sender}
     for reply in q.request(request):
@@ -270,7 +343,7 @@ def _offline(q: OfflineQueue, command: str, ids: list[str], everything: bool,
             out.write(f"-- {count} message(s) in the queue (relayd is not running)\n")
         return 0
     if command == "show":
-        print_entry(q.describe(ids[0]), out, as_json)
+        print_show(q.describe(ids[0]), out, as_json)
         return 0
     affected = q.administer(command, q.select(ids, everything, sender))
     return _report(command, ids, affected, out)

@@ -49,6 +49,7 @@ __all__ = [
     "parse_rate",
     "parse_size",
     "render",
+    "restart_only_changes",
 ]
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -131,6 +132,9 @@ class ServerConfig:
     log_format: str = "text"
     max_hops: int = 50
     bounce_from: str | None = None
+    #: A stop (SIGTERM) lets SMTP transactions and deliveries in flight
+    #: finish for this long before it cuts them off.
+    stop_timeout: float = 30.0
 
 
 @frozen
@@ -323,6 +327,26 @@ def load_default() -> Config:
     return parse(DEFAULT_CONFIG_TEXT, DEFAULT_CONFIG_SOURCE)
 
 
+#: What a reload (SIGHUP) cannot change in a running relay: the spool is
+#: locked and recovered at start, the HTTP endpoint and the hostname are
+#: bound into running parts, and the queue settings shape messages already
+#: scheduled.  Everything else (listeners, their policy and limits, [tls],
+#: [auth.*], routes) applies live.
+RESTART_ONLY = ("server", "queue", "http")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys that differ between ``old`` and ``new`` but need a restart,
+    as ``section.key`` (empty: the reload may go ahead)."""
+    changed = []
+    for section in RESTART_ONLY:
+        before, after = getattr(old, section), getattr(new, section)
+        for name in attrs.fields_dict(type(before)):
+            if getattr(before, name) != getattr(after, name):
+                changed.append(f"{section}.{name}")
+    return changed
+
+
 # ---------------------------------------------------------------------------
 # Scalar parsers (public: other modules parse the same spellings)
 # ---------------------------------------------------------------------------
@@ -426,7 +450,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 _TOP_KEYS = ("server", "tls", "http", "queue", "limits", "listener", "auth", "route")
-_SERVER_KEYS = ("hostname", "spool", "log_format", "max_hops", "bounce_from")
+_SERVER_KEYS = ("hostname", "spool", "log_format", "max_hops", "bounce_from", "stop_timeout")
 _TLS_KEYS = ("cert", "key")
 _HTTP_KEYS = ("listen",)
 _QUEUE_KEYS = ("retry", "lifetime", "max_messages", "min_free_disk")
@@ -946,6 +970,7 @@ def _server(source: str, data: object) -> ServerConfig:
         log_format=t.get("log_format", _choice("text", "json"), d.log_format),
         max_hops=t.get("max_hops", _int_at_least(1), d.max_hops),
         bounce_from=t.optional("bounce_from", _address),
+        stop_timeout=t.get("stop_timeout", _duration, d.stop_timeout),
     )
 
 
@@ -1493,6 +1518,7 @@ def render(config: Config) -> str:
     w.set("log_format", _toml_string(s.log_format))
     w.set("max_hops", str(s.max_hops))
     w.maybe("bounce_from", s.bounce_from, "unset: MAILER-DAEMON@<hostname>")
+    w.set("stop_timeout", _toml_string(_fmt_duration(s.stop_timeout)))
 
     if config.tls is not None:
         w.section("[tls]")

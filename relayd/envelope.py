@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 QueueId = str
 """Upper-case hex, 20 digits: 12 of arrival time in microseconds and 8
@@ -86,6 +86,68 @@ class Envelope:
         )
 
 
+#: Events a message keeps besides its first one.  A message retried every
+#: few minutes for days would otherwise grow a state file that is rewritten
+#: and fsynced at every deferral; the first event says how the trouble
+#: started, the last ones what happens now, and the mail log has the rest.
+HISTORY_KEEP = 50
+#: Recipients an event names; past this only their number is kept (a
+#: 100-recipient message deferred 50 times stays a few KB).
+EVENT_RECIPIENTS = 10
+#: Longest reply an event keeps.
+EVENT_REPLY = 512
+
+
+@frozen
+class Event:
+    """One thing that happened to a queued message, for ``relayd queue show``.
+
+    Arrival is not one of them: the envelope already says when, from whom
+    and through which listener (see :func:`history_json`).
+
+    :param event: ``sent``, ``deferred``, ``bounced``, ``expired``, ``held``
+        or ``released``.
+    :param more: recipients the event is about beyond those named.
+    :param relay: where the attempt went (``smtp.x[1.2.3.4]:587``), when known.
+    """
+
+    time: float
+    event: str
+    recipients: tuple[str, ...] = ()
+    more: int = 0
+    route: str = ""
+    relay: str = ""
+    reply: str = ""
+
+    @classmethod
+    def of(cls, time: float, event: str, recipients: tuple[str, ...] | list[str] = (),
+           route: str = "", relay: str = "", reply: str = "") -> Event:
+        """An event with its recipient list and reply cut to the bounds."""
+        rcpts = tuple(recipients)
+        return cls(time, event, rcpts[:EVENT_RECIPIENTS], max(0, len(rcpts) - EVENT_RECIPIENTS),
+                   route, relay, reply[:EVENT_REPLY])
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"time": self.time, "event": self.event}
+        for key in ("recipients", "more", "route", "relay", "reply"):
+            value = getattr(self, key)
+            if value:
+                data[key] = list(value) if key == "recipients" else value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Event:
+        return cls(
+            time=float(data["time"]),
+            event=str(data["event"]),
+            recipients=tuple(str(r) for r in data.get("recipients", ())),
+            more=int(data.get("more", 0)),
+            route=str(data.get("route", "")),
+            relay=str(data.get("relay", "")),
+            reply=str(data.get("reply", "")),
+        )
+
+
 @frozen
 class QueuedMessage:
     """A message as the spool holds it: its id, envelope and retry state.
@@ -96,6 +158,9 @@ class QueuedMessage:
     :param last_error: the reply of the last deferral, for ``queue list``.
     :param done: recipients already delivered or bounced; the next attempt
         is for the others only.
+    :param history: what happened to it since it arrived, oldest first; the
+        first event and the last :data:`HISTORY_KEEP` (see there).
+    :param history_omitted: events dropped from the middle of ``history``.
     """
 
     queue_id: QueueId
@@ -105,6 +170,41 @@ class QueuedMessage:
     last_error: str | None = None
     held: bool = False
     done: tuple[str, ...] = ()
+    history: tuple[Event, ...] = ()
+    history_omitted: int = 0
+
+    def with_events(self, *events: Event) -> QueuedMessage:
+        """This message with ``events`` added to its (bounded) history."""
+        history = self.history + events
+        omitted = self.history_omitted
+        extra = len(history) - 1 - HISTORY_KEEP
+        if extra > 0:
+            history = history[:1] + history[1 + extra:]
+            omitted += extra
+        return evolve(self, history=history, history_omitted=omitted)
+
+
+def history_json(message: QueuedMessage) -> list[dict[str, Any]]:
+    """The full history as ``relayd queue show --json`` gives it: arrival
+    (made from the envelope), then the recorded events in time order."""
+    e = message.envelope
+    received: dict[str, Any] = {
+        "time": e.arrival, "event": "received", "from": e.sender, "size": e.size,
+        "nrcpt": len(e.recipients), "listener": e.listener, "client": e.client_address,
+        "helo": e.helo, "user": e.user,
+    }
+    return [received, *(event.to_json() for event in message.history)]
+
+
+def message_details(message: QueuedMessage) -> dict[str, Any]:
+    """What ``relayd queue show`` adds to a listing entry: the rest of the
+    envelope and the history (the same online and offline)."""
+    e = message.envelope
+    return {
+        "all_recipients": list(e.recipients), "done": list(message.done), "helo": e.helo,
+        "client_address": e.client_address, "user": e.user, "held": message.held,
+        "history": history_json(message), "history_omitted": message.history_omitted,
+    }
 
 
 SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"

@@ -31,12 +31,16 @@ from relayd.bounce import build_dsn
 from relayd.envelope import (
     BOUNCED,
     DEFERRED,
+    EVENT_RECIPIENTS,
+    EVENT_REPLY,
     SENT,
     DeliveryResult,
     Envelope,
+    Event,
     QueuedMessage,
     QueueId,
     RecipientResult,
+    message_details,
 )
 from relayd.errors import DeliveryError
 from relayd.interfaces import ICourier, IRetryPolicy, ISpool
@@ -48,12 +52,62 @@ maillog = Logger(namespace="relayd.mail")
 #: Ready messages whose content is kept in memory; past this the content is
 #: dropped and read back from the spool when its turn comes.
 MAX_CONTENT_IN_MEMORY = 1000
+#: Deferrals the status page lists.
+RECENT_DEFERRALS = 20
+#: Said of bounced recipients whose notification could not be queued: they
+#: stay pending, so their history says deferred.
+NOT_QUEUED = " (the non-delivery notification could not be queued)"
 
 
 def pending(message: QueuedMessage) -> tuple[str, ...]:
     """The recipients still to be delivered."""
     done = set(message.done)
     return tuple(r for r in message.envelope.recipients if r not in done)
+
+
+class HourCounts:
+    """A route's sent, deferred and bounced counts over the last hour.
+
+    Sixty one-minute buckets, reused as the minutes go by: memory stays the
+    same however busy the route is, and a read is sixty additions.  Minutes
+    come from the queue manager's clock, so tests drive it with task.Clock.
+    """
+
+    RESULTS = (SENT, DEFERRED, BOUNCED)
+    MINUTES = 60
+
+    def __init__(self) -> None:
+        self._minute = [-1] * self.MINUTES
+        self._counts = [dict.fromkeys(self.RESULTS, 0) for _ in range(self.MINUTES)]
+
+    def add(self, now: float, result: str) -> None:
+        minute = int(now // 60)
+        slot = minute % self.MINUTES
+        if self._minute[slot] != minute:
+            self._minute[slot] = minute
+            self._counts[slot] = dict.fromkeys(self.RESULTS, 0)
+        self._counts[slot][result] += 1
+
+    def totals(self, now: float) -> dict[str, int]:
+        """This minute and the 59 before it (a bucket from a clock that went
+        back is not counted, and is reset when its slot comes round)."""
+        minute = int(now // 60)
+        out = dict.fromkeys(self.RESULTS, 0)
+        for stamp, counts in zip(self._minute, self._counts):
+            if minute - self.MINUTES < stamp <= minute:
+                for result, n in counts.items():
+                    out[result] += n
+        return out
+
+
+def _events(now: float, route: str, relay: str,
+            outcomes: Sequence[RecipientResult]) -> list[Event]:
+    """Per-recipient outcomes as history events: one per status and reply."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for o in outcomes:
+        groups.setdefault((o.status, o.reply), []).append(o.recipient)
+    return [Event.of(now, status, rcpts, route, relay, reply)
+            for (status, reply), rcpts in groups.items()]
 
 
 class QueueManager(Service):
@@ -100,8 +154,14 @@ class QueueManager(Service):
         # Admin requests that wait for the attempt in flight to finish.
         self._after_attempt: dict[QueueId, str] = {}
         self._route_status: dict[str, dict[str, Any]] = {}
+        #: route -> sent/deferred/bounced in the last hour (the status page).
+        self._activity: dict[str, HourCounts] = {}
+        self._deferrals: deque[dict[str, Any]] = deque(maxlen=RECENT_DEFERRALS)
         self.recovered: Deferred[None] | None = None
         self._stopping = False
+        #: How long a stop waits for deliveries in flight.
+        self.stop_timeout = 30.0
+        self._idle_waiters: list[Deferred[None]] = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -120,15 +180,50 @@ class QueueManager(Service):
             log.info("recovered {count} queued messages", count=len(messages))
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        """Stop starting attempts; what is in flight finishes (or is retried
-        after the restart: nothing is removed before the courier said so)."""
+        """Stop starting attempts and wait up to ``stop_timeout`` seconds for
+        the ones in flight, so a stop does not cut a smarthost off after it
+        took the message but before we recorded that (a duplicate after the
+        restart).  Whatever is still in flight then is retried after the
+        restart: nothing leaves the spool before the courier said so."""
         self._stopping = True
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
         self._timers.clear()
         super().stopService()
-        return succeed(None)
+        if not self._in_flight:
+            return succeed(None)
+        log.info("stopping: waiting for {count} deliveries in flight", count=len(self._in_flight))
+        done: Deferred[None] = Deferred()
+        self._idle_waiters.append(done)
+
+        def give_up() -> None:
+            if done in self._idle_waiters:
+                self._idle_waiters.remove(done)
+                log.warn("stopping: {count} deliveries still in flight after {timeout} s; "
+                         "they will be retried after the restart",
+                         count=len(self._in_flight), timeout=self.stop_timeout)
+                done.callback(None)
+
+        timer = self._clock.callLater(self.stop_timeout, give_up)
+
+        def stop_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addCallback(stop_timer)
+        return done
+
+    def set_routes(self, couriers: Mapping[str, ICourier], concurrency: Mapping[str, int]) -> None:
+        """A config reload: new attempts use these couriers; attempts in flight
+        finish on the courier they started with.  Messages for a route that
+        no longer exists are deferred ("no route named ...") until it is
+        back or they expire."""
+        self._couriers = dict(couriers)
+        self._concurrency = dict(concurrency)
+        for route in list(self._ready):
+            self._pump(route)
 
     # -- intake ----------------------------------------------------------------
 
@@ -205,6 +300,10 @@ class QueueManager(Service):
         if request is not None and message.queue_id in self._messages:
             self._administer_one(request, message.queue_id)
         self._pump(route)
+        if not self._in_flight and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     # -- one attempt ----------------------------------------------------------
 
@@ -253,7 +352,7 @@ class QueueManager(Service):
         bounced = [o for o in outcomes if o.status == BOUNCED]
         deferred = [o for o in outcomes if o.status == DEFERRED]
         if sent:
-            self._metrics.deliveries.labels(route, "sent").inc()
+            self._count(route, SENT, now)
             self._route_status[route] = {**self._route_status.get(route, {}), "last_success": now}
         done = tuple(message.done) + tuple(o.recipient for o in sent)
         d = self._bounce(message, bounced, holder.get("content"), remote=result.relay)
@@ -264,13 +363,21 @@ class QueueManager(Service):
             finished = done + tuple(o.recipient for o in bounced) if bounce_queued else done
             waiting = deferred if bounce_queued else deferred + bounced
             current = evolve(self._messages.get(message.queue_id, message), done=finished)
+            # A recipient refused (bounced or deferred) is the route's last
+            # error for the status page, though the rest may have gone.
+            refused = waiting or bounced
+            if refused:
+                self._route_status[route] = {
+                    **self._route_status.get(route, {}), "last_error": now,
+                    "last_error_reason": refused[0].reply,
+                }
             if not waiting:
                 return self._forget(current)
-            reason = waiting[0].reply
-            self._route_status[route] = {
-                **self._route_status.get(route, {}), "last_error": now, "last_error_reason": reason,
-            }
-            return self._defer(current, reason, now)
+            outcome = bounced if bounce_queued else [
+                RecipientResult(o.recipient, DEFERRED, o.reply + NOT_QUEUED) for o in bounced]
+            current = current.with_events(*_events(now, route, result.relay,
+                                                   sent + outcome + deferred))
+            return self._defer(current, waiting[0].reply, now, relay=result.relay)
 
         return self._bounce_outcome(d, message).addCallback(settle)
 
@@ -308,19 +415,25 @@ class QueueManager(Service):
                              route=route, delay=now - message.envelope.arrival, reason=reason)
             failed = [RecipientResult(r, BOUNCED, reason) for r in recipients]
             d = self._bounce(current, failed, holder.get("content"))
+            kept = current.with_events(Event.of(now, DEFERRED, recipients, route,
+                                                reply=reason + NOT_QUEUED))
             return self._bounce_outcome(d, current).addCallback(
-                lambda ok: self._forget(current) if ok else self._retry_later(current, reason, now)
+                lambda ok: self._forget(current) if ok else self._retry_later(kept, reason, now)
             )
         for rcpt in recipients:
             maillog.info("{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} "
                          "status=deferred ({reason})", queue_id=message.queue_id, rcpt=rcpt,
                          route=route, delay=now - message.envelope.arrival, reason=reason)
+        current = current.with_events(Event.of(now, DEFERRED, recipients, route, reply=reason))
         return self._defer(current, reason, now)
 
-    def _defer(self, message: QueuedMessage, reason: str, now: float) -> Deferred[None]:
+    def _defer(self, message: QueuedMessage, reason: str, now: float,
+               relay: str = "") -> Deferred[None]:
         """Schedule the next attempt, or bounce what is left if it is too old."""
         route = message.envelope.route
         if self._retry.expired(message.envelope.arrival, now):
+            message = message.with_events(Event.of(now, "expired", pending(message), route,
+                                                   reply=reason))
             # The Diagnostic-Code stays the last reply, verbatim (RFC 3464).
             expired = [RecipientResult(r, BOUNCED, reason) for r in pending(message)]
             for o in expired:
@@ -331,11 +444,17 @@ class QueueManager(Service):
             return self._bounce_outcome(d, message).addCallback(
                 lambda ok: self._forget(message) if ok else self._retry_later(message, reason, now)
             )
-        return self._retry_later(message, reason, now)
+        return self._retry_later(message, reason, now, relay)
 
-    def _retry_later(self, message: QueuedMessage, reason: str, now: float) -> Deferred[None]:
+    def _retry_later(self, message: QueuedMessage, reason: str, now: float,
+                     relay: str = "") -> Deferred[None]:
         route = message.envelope.route
-        self._metrics.deliveries.labels(route, "deferred").inc()
+        self._count(route, DEFERRED, now)
+        self._deferrals.append({
+            "time": now, "queue_id": message.queue_id,
+            "recipients": list(pending(message)[:EVENT_RECIPIENTS]), "route": route,
+            "relay": relay, "reason": reason[:EVENT_REPLY],
+        })
         attempts = message.attempts + 1
         delay = self._retry.next_delay(attempts)
         if self._jitter:
@@ -345,6 +464,11 @@ class QueueManager(Service):
         if not updated.held and not self._stopping:
             self._set_timer(message.queue_id, delay)
         return self._save(updated)
+
+    def _count(self, route: str, result: str, now: float) -> None:
+        """One outcome, in the metrics and in the route's last hour."""
+        self._metrics.deliveries.labels(route, result).inc()
+        self._activity.setdefault(route, HourCounts()).add(now, result)
 
     def _save(self, message: QueuedMessage) -> Deferred[None]:
         d = self._spool.defer(message)
@@ -383,7 +507,7 @@ class QueueManager(Service):
         if not failed:
             return succeed(None)
         route = message.envelope.route
-        self._metrics.deliveries.labels(route, "bounced").inc()
+        self._count(route, BOUNCED, self._clock.seconds())
         sender = message.envelope.sender
         if not sender:
             maillog.info("{queue_id}: bounce of a bounce not sent (null sender)",
@@ -446,8 +570,10 @@ class QueueManager(Service):
         return "active"
 
     def describe(self, queue_id: str) -> dict[str, Any] | None:
+        """``relayd queue show``: the listing entry, the rest of the envelope
+        and the message's history."""
         message = self._messages.get(queue_id)
-        return None if message is None else self.entry(message)
+        return None if message is None else {**self.entry(message), **message_details(message)}
 
     def select(self, ids: Sequence[str] | None, everything: bool,
                sender: str | None) -> list[QueueId]:
@@ -486,13 +612,15 @@ class QueueManager(Service):
     def _administer_one(self, op: str, qid: QueueId) -> Deferred[None]:
         message = self._messages[qid]
         maillog.info("{queue_id}: {op} by the administrator", queue_id=qid, op=op)
+        now = self._clock.seconds()
         if op == "hold":
             self._cancel_timer(qid)
-            held = evolve(message, held=True)
+            held = evolve(message, held=True).with_events(Event.of(now, "held"))
             self._messages[qid] = held
             return self._save(held)
         if op == "release":
-            released = evolve(message, held=False, next_attempt=0.0)
+            released = evolve(message, held=False, next_attempt=0.0).with_events(
+                Event.of(now, "released"))
             self._messages[qid] = released
             d = self._save(released)
             if qid not in self._in_flight:
@@ -527,7 +655,21 @@ class QueueManager(Service):
         return self._clock.seconds() - min(m.envelope.arrival for m in self._messages.values())
 
     def route_status(self) -> dict[str, dict[str, Any]]:
-        return {name: dict(v) for name, v in self._route_status.items()}
+        """Per route seen so far: last success, last error and its reason,
+        and ``last_hour`` (sent, deferred, bounced)."""
+        names = set(self._route_status) | set(self._activity)
+        return {name: {**self._route_status.get(name, {}), "last_hour": self.last_hour(name)}
+                for name in names}
+
+    def last_hour(self, route: str) -> dict[str, int]:
+        counts = self._activity.get(route)
+        if counts is None:
+            return dict.fromkeys(HourCounts.RESULTS, 0)
+        return counts.totals(self._clock.seconds())
+
+    def recent_deferrals(self) -> list[dict[str, Any]]:
+        """The last :data:`RECENT_DEFERRALS` deferrals, newest first."""
+        return [dict(d) for d in reversed(self._deferrals)]
 
     def update_metrics(self) -> None:
         for state, count in self.counts().items():

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -22,7 +23,15 @@ from twisted.python.failure import Failure
 
 import relayd
 from relayd.cleanup import Cleanup
-from relayd.config import DEFAULT_CONFIG_SOURCE, Config, load, load_default
+from relayd.config import (
+    DEFAULT_CONFIG_SOURCE,
+    Config,
+    ListenerConfig,
+    RouteConfig,
+    load,
+    load_default,
+    restart_only_changes,
+)
 from relayd.control import ControlFactory
 from relayd.courier.maildir import MaildirCourier
 from relayd.courier.smarthost import SmarthostCourier
@@ -33,6 +42,7 @@ from relayd.metrics import Metrics
 from relayd.qmgr import QueueManager
 from relayd.queue.schedule import RetrySchedule
 from relayd.queue.spool import Spool, control_socket_address, control_socket_path
+from relayd.sdnotify import SystemdNotifier
 from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.protocol import SMTPServerFactory
 from relayd.smtpd.proxy import ProxyProtocolFactory
@@ -83,6 +93,19 @@ def make_auth_backend(config: Config, name: str, reactor: Any) -> IAuthBackend:
         return make_backend(config.auth[name], reactor)
     except ConfigError as e:
         raise ConfigError(config.source, e.key, f"{e.source}: {e.reason}") from None
+
+
+def _auth_backends(config: Config, reactor: Any) -> dict[str, IAuthBackend]:
+    """One backend per ``[auth.NAME]`` that a listener uses (not started)."""
+    names = {x.auth_backend for x in config.listeners
+             if x.auth != "none" and x.auth_backend is not None}
+    return {name: make_auth_backend(config, name, reactor) for name in sorted(names)}
+
+
+def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: Any) -> ICourier:
+    if route.maildir is not None:
+        return MaildirCourier(route.maildir, disk, hostname)
+    return SmarthostCourier(route, hostname, reactor)
 
 
 def check_files(config: Config) -> None:
@@ -147,20 +170,51 @@ def with_backlog(description: str) -> str:
     return f"{description}:backlog={DEFAULT_BACKLOG}"
 
 
+class SwitchFactory(ServerFactory):
+    """What a listening port hands its connections to, replaceable while the
+    port stays bound: a reload that turns implicit TLS or the PROXY protocol
+    on or off swaps the factory chain without closing the socket."""
+
+    noisy = False
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.target.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        target = self.target
+        prefix = getattr(target, "logPrefix", None)
+        return prefix() if callable(prefix) else type(target).__name__
+
+
 class ListenerService(Service):
     """One SMTP (or HTTP) endpoint, bound before privileges are dropped.
 
     Binding happens synchronously in ``privilegedStartService`` so that a
     port in use or a bad address stops the start with an error instead of
     leaving a half-running relay.
+
+    :param smtp: the SMTP factory behind the port, whose sessions a stop
+        lets finish their transactions (within ``grace`` seconds).
     """
 
-    def __init__(self, name: str, description: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, name: str, description: str, factory: Any, reactor: Any,
+                 smtp: SMTPServerFactory | None = None, grace: float = 30.0) -> None:
         self.name = name
         self.description = description
-        self._factory = factory
+        self._factory = SwitchFactory(factory)
         self._reactor = reactor
+        self.smtp = smtp
+        self.grace = grace
         self.port: Any = None
+
+    def switch(self, factory: Any, smtp: SMTPServerFactory | None = None) -> None:
+        """New connections go to ``factory`` from now on."""
+        self._factory.target = factory
+        if smtp is not None:
+            self.smtp = smtp
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -183,11 +237,19 @@ class ListenerService(Service):
         super().startService()
 
     def stopService(self) -> Any:
+        """Close the port at once; SMTP sessions get to finish their
+        transactions (``SMTPServerFactory.shutdown``)."""
         super().stopService()
         port, self.port = self.port, None
+        waits = []
         if port is not None:
-            return port.stopListening()
-        return None
+            waits.append(port.stopListening())
+        if self.smtp is not None:
+            waits.append(self.smtp.shutdown(self.grace))
+        waits = [d for d in waits if d is not None]
+        if not waits:
+            return None
+        return gatherResults(waits, consumeErrors=True)
 
     @property
     def address(self) -> str | None:
@@ -210,15 +272,9 @@ class RelayService(MultiService):
         self.draining = False
         self.disk = DiskWriter(reactor)
         self.spool = Spool(config.server.spool, reactor, self.disk)
-        couriers: dict[str, ICourier] = {}
-        self.smarthosts: list[SmarthostCourier] = []
-        for name, route in config.routes.items():
-            if route.maildir is not None:
-                couriers[name] = MaildirCourier(route.maildir, self.disk, self.hostname)
-            else:
-                courier = SmarthostCourier(route, self.hostname, reactor)
-                self.smarthosts.append(courier)
-                couriers[name] = courier
+        self.metrics.watch_spool(config.server.spool)
+        couriers = {name: make_courier(route, self.disk, self.hostname, reactor)
+                    for name, route in config.routes.items()}
         self.couriers = couriers
         self.qmgr = QueueManager(
             self.spool, couriers,
@@ -241,39 +297,13 @@ class RelayService(MultiService):
         #: [auth.NAME] -> backend, one per name however many listeners use it.
         self.auth_backends: dict[str, IAuthBackend] = {}
         self.factories: dict[str, SMTPServerFactory] = {}
+        self.auth_backends = _auth_backends(config, reactor)
         for listener in config.listeners:
             tls = server_tls(config, listener)
             if tls is not None:
                 self.server_tls[listener.name] = tls
                 self._tls_loaded(tls)
-            backend = None
-            if listener.auth != "none" and listener.auth_backend is not None:
-                backend = self.auth_backends.get(listener.auth_backend)
-                if backend is None:
-                    backend = make_auth_backend(config, listener.auth_backend, reactor)
-                    self.auth_backends[listener.auth_backend] = backend
-            # One failure tracker per listener, shared by its sessions: a
-            # client cannot reset its count by reconnecting.
-            limiter = AuthFailureTracker(reactor, listener.limits.auth_failures,
-                                         listener.limits.auth_block)
-            factory = SMTPServerFactory(
-                listener, self.hostname, self.cleanup, reactor, self.metrics,
-                tls=tls if listener.tls == "starttls" else None,
-                auth_backend=backend, auth_limiter=limiter,
-            )
-            self.factories[listener.name] = factory
-            listening: Any = factory
-            if listener.tls == "implicit" and tls is not None:
-                # TLS from the first byte; the endpoint string stays a plain
-                # tcp:/systemd: one so the certificate can be reloaded.
-                listening = TLSMemoryBIOFactory(tls, False, factory)
-            if listener.proxy_protocol:
-                # Outermost: the PROXY header comes before the TLS handshake
-                # and before the greeting.
-                listening = ProxyProtocolFactory(listening, listener.proxy_trusted, reactor,
-                                                 name=listener.name)
-            service = ListenerService(f"listener {listener.name}", listener.listen.description,
-                                      listening, reactor)
+            service = self._new_listener(config, listener, tls)
             service.setServiceParent(self)
             self.listeners.append(service)
         self.control = ListenerService(
@@ -285,6 +315,47 @@ class RelayService(MultiService):
             site = make_site(self.status, self.metrics, self.qmgr.update_metrics)
             self.http = ListenerService("http", config.http.listen.description, site, reactor)
             self.http.setServiceParent(self)
+        # Last child: started once every listener above is bound (READY=1),
+        # stopped first (STOPPING=1): MultiService stops children in reverse.
+        self.notifier = SystemdNotifier(reactor, lambda: "accepting mail on " + ", ".join(
+            s.address or "-" for s in self.listeners))
+        self.notifier.setServiceParent(self)
+
+    def _new_listener(self, config: Config, listener: ListenerConfig,
+                      tls: ServerTLS | None) -> ListenerService:
+        # One failure tracker per listener, shared by its sessions: a
+        # client cannot reset its count by reconnecting.
+        limiter = AuthFailureTracker(self.reactor, listener.limits.auth_failures,
+                                     listener.limits.auth_block)
+        factory = SMTPServerFactory(
+            listener, self.hostname, self.cleanup, self.reactor, self.metrics,
+            tls=tls if listener.tls == "starttls" else None,
+            auth_backend=self._backend_of(listener), auth_limiter=limiter,
+        )
+        self.factories[listener.name] = factory
+        return ListenerService(f"listener {listener.name}", listener.listen.description,
+                               self._listening(listener, tls, factory), self.reactor,
+                               smtp=factory, grace=config.server.stop_timeout)
+
+    def _backend_of(self, listener: ListenerConfig) -> IAuthBackend | None:
+        if listener.auth == "none" or listener.auth_backend is None:
+            return None
+        return self.auth_backends[listener.auth_backend]
+
+    def _listening(self, listener: ListenerConfig, tls: ServerTLS | None,
+                   factory: SMTPServerFactory) -> Any:
+        """The factory chain a listener's port hands connections to."""
+        listening: Any = factory
+        if listener.tls == "implicit" and tls is not None:
+            # TLS from the first byte; the endpoint string stays a plain
+            # tcp:/systemd: one so the certificate can be reloaded.
+            listening = TLSMemoryBIOFactory(tls, False, factory)
+        if listener.proxy_protocol:
+            # Outermost: the PROXY header comes before the TLS handshake
+            # and before the greeting.
+            listening = ProxyProtocolFactory(listening, listener.proxy_trusted, self.reactor,
+                                             name=listener.name)
+        return listening
 
     def privilegedStartService(self) -> None:
         self.spool.prepare()
@@ -313,12 +384,13 @@ class RelayService(MultiService):
             backend.start()
         super().startService()
         self._previous_sighup: Any = None
-        if self.server_tls:
-            self._install_sighup()
+        self._install_sighup()
         if self.config.source == DEFAULT_CONFIG_SOURCE:
             self._explain_default()
+        else:
+            self._warn_without_smarthost()
 
-    # -- SIGHUP: certificates ----------------------------------------------
+    # -- SIGHUP: reload ------------------------------------------------------
 
     def _install_sighup(self) -> None:
         try:
@@ -329,15 +401,36 @@ class RelayService(MultiService):
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # Signal context: only hand the work to the reactor thread.
-        self.reactor.callFromThread(self.reload_tls)
+        self.reactor.callFromThread(self.reload)
 
-    def reload_tls(self) -> None:
-        """Reread every listener's certificate: new sessions get the new
-        one, sessions in progress keep theirs; a bad file keeps the old."""
-        log.info("SIGHUP: reloading TLS certificates")
-        for tls in self.server_tls.values():
-            if tls.reload():
-                self._tls_loaded(tls)
+    def reload(self) -> bool:
+        """Reread the config file, certificates and auth files, and apply
+        what can change live (design.md §1): listeners and their policy,
+        [tls], [auth.*], routes.  Anything wrong, or a change that needs a
+        restart, refuses the whole reload and the running config stays.
+
+        :return: whether the new config is in force.
+        """
+        source = self.config.source
+        log.info("SIGHUP: reloading {source}", source=source)
+        try:
+            new = load_default() if source == DEFAULT_CONFIG_SOURCE else load(source)
+            check_files(new)
+        except ConfigError as e:
+            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            return False
+        restart = restart_only_changes(self.config, new)
+        if restart:
+            log.error("reload refused, the running configuration stays: {keys} cannot change "
+                      "without a restart (systemctl restart)", keys=", ".join(restart))
+            return False
+        try:
+            plan = _ReloadPlan.prepare(self, new)
+        except ConfigError as e:
+            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            return False
+        plan.commit()
+        return True
 
     def _tls_loaded(self, tls: ServerTLS) -> None:
         self.metrics.tls_certificate_expiry.labels(tls.name).set(tls.not_after)
@@ -358,12 +451,23 @@ class RelayService(MultiService):
                 pass
             self._previous_sighup = None
         d = super().stopService()
-        for courier in self.smarthosts:
-            d.addBoth(lambda _, c=courier: c.stop())
+        for courier in self.couriers.values():
+            if isinstance(courier, SmarthostCourier):
+                d.addBoth(lambda _, c=courier: c.stop())
         for backend in self.auth_backends.values():
             d.addBoth(lambda _, b=backend: b.stop())
         d.addBoth(lambda _: self.disk.stop())
         return d
+
+    def _warn_without_smarthost(self) -> None:
+        """The packaged config holds mail in a local maildir until someone
+        names a smarthost: say so loudly, at every start and reload."""
+        if any(route.smarthost for route in self.config.routes.values()):
+            return
+        held = ", ".join(sorted({r.maildir for r in self.config.routes.values() if r.maildir}))
+        log.warn("NO SMARTHOST IS CONFIGURED: accepted mail is NOT sent on, it is held in "
+                 "{held}. Set [route.NAME] smarthost = \"host:port\" in {source} and reload "
+                 "(systemctl reload relayd).", held=held or "-", source=self.config.source)
 
     def _explain_default(self) -> None:
         outbox = [r.maildir for r in self.config.routes.values() if r.maildir]
@@ -391,33 +495,203 @@ class RelayService(MultiService):
         return gatherResults([d for d in stops if d is not None], consumeErrors=True)
 
     def status(self) -> dict[str, Any]:
-        """Everything /status shows."""
+        """Everything /status (and the page at /) shows."""
         routes = {}
         states = self.qmgr.route_status()
         for name, route in self.config.routes.items():
             destination = (f"maildir:{route.maildir}" if route.maildir
                            else ", ".join(f"{s.host}:{s.port}" for s in route.smarthost))
-            routes[name] = {"destination": destination, **states.get(name, {})}
+            routes[name] = {"destination": destination, "last_hour": self.qmgr.last_hour(name),
+                            **states.get(name, {})}
+        listeners = []
+        for cfg, svc in zip(self.config.listeners, self.listeners):
+            factory = self.factories.get(cfg.name)
+            listeners.append({
+                "name": cfg.name,
+                "listen": cfg.listen.description,
+                "address": svc.address,
+                "listening": svc.port is not None,
+                "route": cfg.route,
+                "tls": cfg.tls,
+                "require_tls": cfg.require_tls,
+                "auth": cfg.auth,
+                "auth_backend": cfg.auth_backend if cfg.auth != "none" else None,
+                "connections": factory.connections if factory is not None else 0,
+            })
         return {
             "version": relayd.__version__,
             "draining": self.draining,
             "hostname": self.hostname,
+            "time": self.reactor.seconds(),
             "uptime_seconds": self.reactor.seconds() - self.started,
-            "listeners": [
-                {
-                    "name": cfg.name,
-                    "listen": cfg.listen.description,
-                    "address": svc.address,
-                    "listening": svc.port is not None,
-                    "route": cfg.route,
-                }
-                for cfg, svc in zip(self.config.listeners, self.listeners)
-            ],
+            "listeners": listeners,
             "spool": {"path": self.config.server.spool, "writable": self.spool.writable()},
             "queue": self.qmgr.counts(),
             "queue_oldest_age_seconds": self.qmgr.oldest_age(),
             "routes": routes,
+            "recent_deferrals": self.qmgr.recent_deferrals(),
         }
+
+
+class _ReloadPlan:
+    """A reload in two steps: ``prepare`` builds every new part (certificates,
+    auth backends, couriers, newly bound ports) without touching the running
+    relay, so that any failure leaves it exactly as it was; ``commit`` then
+    swaps them in, which cannot fail halfway."""
+
+    def __init__(self, relay: RelayService, new: Config) -> None:
+        self.relay = relay
+        self.new = new
+        self.tls: dict[str, ServerTLS] = {}
+        self.reloaded_tls: list[ServerTLS] = []
+        self.backends: dict[str, IAuthBackend] = {}
+        self.couriers: dict[str, ICourier] = {}
+        self.kept: dict[str, ListenerService] = {}
+        self.added: dict[str, ListenerService] = {}
+        self.new_routes: list[str] = []
+
+    @classmethod
+    def prepare(cls, relay: RelayService, new: Config) -> _ReloadPlan:
+        plan = cls(relay, new)
+        try:
+            plan._prepare()
+        except BaseException:
+            plan._discard()
+            raise
+        return plan
+
+    def _prepare(self) -> None:
+        relay, new, old = self.relay, self.new, self.relay.config
+        old_listeners = {x.name: x for x in old.listeners}
+        for listener in new.listeners:
+            before = old_listeners.get(listener.name)
+            current = relay.server_tls.get(listener.name)
+            if (current is not None and before is not None and listener.tls != "none"
+                    and server_tls_files(new, listener)[:2] == (current.cert_path,
+                                                                current.key_path)
+                    and listener.tls_min_version == current.min_version):
+                # Same files: reread them (a bad file keeps the old one).
+                self.tls[listener.name] = current
+                self.reloaded_tls.append(current)
+            else:
+                tls = server_tls(new, listener)
+                if tls is not None:
+                    self.tls[listener.name] = tls
+        # Auth backends are always made anew: that rereads their files now,
+        # and a file that has become unreadable refuses the reload.
+        self.backends = _auth_backends(new, relay.reactor)
+        for name, route in new.routes.items():
+            if old.routes.get(name) == route and name in relay.couriers:
+                self.couriers[name] = relay.couriers[name]
+            else:
+                self.couriers[name] = make_courier(route, relay.disk, relay.hostname,
+                                                   relay.reactor)
+                self.new_routes.append(name)
+        running = {svc.name: svc for svc in relay.listeners}
+        for listener in new.listeners:
+            svc = running.get(f"listener {listener.name}")
+            if svc is not None and svc.description == listener.listen.description:
+                self.kept[listener.name] = svc
+        for listener in new.listeners:
+            if listener.name in self.kept:
+                continue
+            # Bind now: a port that cannot be had refuses the reload.
+            svc = self._build(listener)
+            try:
+                svc.privilegedStartService()
+            except Exception as e:
+                raise ConfigError(new.source, f"listener.{listener.name}.listen",
+                                  f"cannot listen on {listener.listen.description}: {e} "
+                                  "(moving a listener onto a port in use, its own included, "
+                                  "needs a restart)") from None
+            self.added[listener.name] = svc
+
+    def _build(self, listener: ListenerConfig) -> ListenerService:
+        relay = self.relay
+        saved = relay.auth_backends, dict(relay.factories)
+        relay.auth_backends = self.backends
+        try:
+            return relay._new_listener(self.new, listener, self.tls.get(listener.name))
+        finally:
+            relay.auth_backends, relay.factories = saved
+
+    def _discard(self) -> None:
+        for svc in self.added.values():
+            svc.stopService()
+        for courier in self.couriers.values():
+            if courier not in self.relay.couriers.values() and isinstance(
+                    courier, SmarthostCourier):
+                courier.stop()
+
+    def commit(self) -> None:
+        relay, new, old = self.relay, self.new, self.relay.config
+        for tls in self.reloaded_tls:
+            if tls.reload():
+                relay._tls_loaded(tls)
+        for tls in self.tls.values():
+            if tls not in self.reloaded_tls:
+                relay._tls_loaded(tls)
+        for name in set(relay.server_tls) - set(self.tls):
+            relay.metrics.tls_certificate_expiry.remove(name)
+        relay.server_tls = dict(self.tls)
+
+        retired_backends = list(relay.auth_backends.values())
+        relay.auth_backends = self.backends
+        for backend in self.backends.values():
+            backend.start()
+
+        retired_couriers = [c for c in relay.couriers.values()
+                            if c not in self.couriers.values()]
+        relay.couriers = dict(self.couriers)
+        relay.qmgr.set_routes(self.couriers,
+                              {name: r.concurrency for name, r in new.routes.items()})
+        for name in set(old.routes) - set(new.routes):
+            log.warn("reload: route {route} removed; its queued messages are deferred until a "
+                     "route of that name exists again", route=name)
+
+        changed, removed = [], []
+        kept = set(self.kept.values())
+        for svc in list(relay.listeners):
+            if svc in kept:
+                continue
+            # Before the new ones are added: a moved listener keeps its name.
+            removed.append(str(svc.name).removeprefix("listener "))
+            if svc.smtp is not None and relay.factories.get(svc.smtp.listener.name) is svc.smtp:
+                del relay.factories[svc.smtp.listener.name]
+            svc.disownServiceParent()
+        listeners: list[ListenerService] = []
+        for listener in new.listeners:
+            service = self.kept.get(listener.name)
+            if service is not None:
+                factory = relay.factories[listener.name]
+                cert = self.tls.get(listener.name)
+                starttls = cert if listener.tls == "starttls" else None
+                if factory.listener != listener or factory.tls is not starttls:
+                    changed.append(listener.name)
+                factory.reconfigure(listener, tls=starttls,
+                                    auth_backend=relay._backend_of(listener))
+                service.switch(relay._listening(listener, cert, factory))
+            else:
+                service = self.added[listener.name]
+                assert service.smtp is not None
+                relay.factories[listener.name] = service.smtp
+                service.setServiceParent(relay)
+            listeners.append(service)
+        relay.listeners = listeners
+        relay.config = new
+        # Old parts go once the new ones are in: deliveries in flight finish
+        # on their courier first (SmarthostCourier.stop).
+        for backend in retired_backends:
+            backend.stop()
+        for courier in retired_couriers:
+            if isinstance(courier, SmarthostCourier):
+                courier.stop()
+        log.info("reload done: {count} listeners ({added} added, {removed} removed, {changed} "
+                 "changed), {routes} routes ({new_routes} new or changed)",
+                 count=len(listeners), added=", ".join(self.added) or "none",
+                 removed=", ".join(removed) or "none", changed=", ".join(changed) or "none",
+                 routes=len(new.routes), new_routes=", ".join(self.new_routes) or "none")
+        relay._warn_without_smarthost()
 
 
 def _escape(path: str) -> str:

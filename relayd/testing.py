@@ -548,6 +548,8 @@ class MemorySpool:
                 last_error=message.last_error,
                 held=message.held,
                 done=message.done,
+                history=message.history,
+                history_omitted=message.history_omitted,
             )
         return succeed(None)
 

@@ -51,7 +51,9 @@ __all__ = [
     "ClientTLS",
     "ServerTLS",
     "client_tls_options",
+    "handshake_failure_reason",
     "server_tls_files",
+    "tls_version",
     "verify_name",
 ]
 
@@ -378,3 +380,53 @@ class ServerTLS:
         connection = SSL.Connection(self.options.getContext(), None)
         connection.set_app_data(tlsProtocol)
         return connection
+
+
+# ---------------------------------------------------------------------------
+# Naming handshake outcomes for metrics (bounded label values)
+# ---------------------------------------------------------------------------
+
+#: OpenSSL reason strings (lower case, as pyOpenSSL reports them; OpenSSL
+#: 1.1 and 3.x spell some alerts "sslv3 alert" or "tls alert") -> reason.
+_FAILURE_PATTERNS = (
+    ("not_tls", ("wrong version number", "http request", "https proxy request",
+                 "unknown protocol", "packet length too long", "record layer failure")),
+    ("closed", ("unexpected eof",)),
+    ("protocol_version", ("unsupported protocol", "protocol version", "version too low",
+                          "no protocols available", "wrong ssl version",
+                          "inappropriate fallback")),
+    ("no_shared_cipher", ("no shared cipher", "no suitable signature", "no shared signature",
+                          "no shared group", "alert handshake failure",
+                          "insufficient security")),
+    ("certificate_rejected", ("unknown ca", "certificate")),
+)
+_VERSIONS = frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"})
+
+
+def handshake_failure_reason(reason: Any) -> str:
+    """Why an inbound handshake failed, from the ``connectionLost`` reason:
+    one of ``relayd.metrics.TLS_FAILURE_REASONS`` (never the raw error text,
+    which is unbounded)."""
+    if reason is None or not reason.check(SSL.Error):
+        return "closed"
+    errors = reason.value.args[0] if reason.value.args else ()
+    if not isinstance(errors, list):
+        errors = [errors]
+    # pyOpenSSL: a list of (library, function, reason) tuples.
+    text = " | ".join(
+        str(e[-1] if isinstance(e, tuple) and e else e).lower() for e in errors
+    )
+    for name, needles in _FAILURE_PATTERNS:
+        if any(n in text for n in needles):
+            return name
+    return "other"
+
+
+def tls_version(transport: Any) -> str:
+    """The TLS version of an established connection: ``TLSv1`` ..
+    ``TLSv1.3``, else ``other`` (also when the transport shows no TLS)."""
+    try:
+        name = transport.getHandle().get_protocol_version_name()
+    except Exception:
+        return "other"
+    return name if name in _VERSIONS else "other"

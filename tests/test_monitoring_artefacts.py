@@ -38,8 +38,11 @@ ALERTS = {
     "RelaydBounceRate",
     "RelaydSmarthostFailing",
     "RelaydAuthFailureSpike",
+    "RelaydAuthBackendFailing",
+    "RelaydTLSHandshakeFailures",
     "RelaydTLSCertificateExpiring",
     "RelaydSpoolRejecting",
+    "RelaydSpoolDiskFilling",
 }
 
 # Series Prometheus itself adds to every scrape.
@@ -111,6 +114,14 @@ def test_exported_names_cover_the_design_contract() -> None:
         "relayd_queue_oldest_age_seconds", "relayd_deliveries_total",
         "relayd_delivery_seconds_bucket", "relayd_delivery_seconds_sum",
         "relayd_delivery_seconds_count",
+    ):
+        assert name in names
+    # Added for operators (issue 7): TLS, AUTH failures, sizes, the spool's disk.
+    for name in (
+        "relayd_tls_handshakes_total", "relayd_tls_handshake_failures_total",
+        "relayd_tls_sessions_total", "relayd_auth_failures_total",
+        "relayd_message_size_bytes_bucket", "relayd_spool_free_bytes",
+        "relayd_spool_free_inodes", "relayd_build_info",
     ):
         assert name in names
 
@@ -263,6 +274,9 @@ def test_dashboard_shape() -> None:
         "relayd_queue_oldest_age_seconds", "relayd_delivery_seconds_bucket",
         "relayd_smtp_rejects_total", "relayd_smtp_connections_active",
         "relayd_auth_attempts_total", "relayd_tls_certificate_expiry_seconds",
+        "relayd_tls_handshakes_total", "relayd_tls_handshake_failures_total",
+        "relayd_tls_sessions_total", "relayd_auth_failures_total",
+        "relayd_message_size_bytes_bucket", "relayd_spool_free_bytes",
     ):
         assert name in used, name
     assert any("histogram_quantile(0.95" in expr for _, expr in panel_exprs(dash))

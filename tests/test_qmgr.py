@@ -618,11 +618,12 @@ def test_stop_cancels_timers_and_starts_nothing() -> None:
     assert len(h.clock.getDelayedCalls()) == 1
     stopped: list[Any] = []
     h.qm.stopService().addBoth(stopped.append)
-    assert stopped == [None]
-    assert h.clock.getDelayedCalls() == []
+    assert stopped == []  # waits for the attempt in flight
+    assert [c.getTime() - NOW for c in h.clock.getDelayedCalls()] == [30.0]  # its bound
     h.queue()
     h.courier.fail_pending(TransientDeliveryError("451 still busy"))
     assert h.spool.defers[-1].queue_id == in_flight.queue_id  # state still saved
+    assert stopped == [None]
     assert h.clock.getDelayedCalls() == []
     h.clock.advance(86400)
     assert h.tried == [deferred.queue_id, in_flight.queue_id]
@@ -635,6 +636,65 @@ def test_stop_lets_in_flight_delivery_finish() -> None:
     h.qm.stopService()
     h.courier.release()
     assert message.queue_id not in h.spool.messages and len(h.qm) == 0
+
+
+def test_stop_gives_up_waiting_after_stop_timeout() -> None:
+    """A smarthost that never answers cannot hold the stop longer than the bound;
+    the message stays in the spool for the next start."""
+    h = make(courier=RecordingCourier(hold=True))
+    message = h.queue()
+    h.qm.stop_timeout = 10
+    stopped: list[Any] = []
+    h.qm.stopService().addBoth(stopped.append)
+    h.clock.advance(9.9)
+    assert stopped == []
+    h.clock.advance(0.1)
+    assert stopped == [None]
+    assert message.queue_id in h.spool.messages
+
+
+def test_stop_with_nothing_in_flight_is_immediate() -> None:
+    h = make()
+    stopped: list[Any] = []
+    h.qm.stopService().addBoth(stopped.append)
+    assert stopped == [None]
+
+
+# -- reload -------------------------------------------------------------------------------
+
+
+def test_set_routes_new_attempts_use_the_new_courier_in_flight_ones_finish_on_the_old() -> None:
+    old = RecordingCourier(hold=True)
+    h = make(courier=old, concurrency=1)
+    first = h.queue()
+    second = h.queue()  # waits: concurrency 1
+    new = RecordingCourier()
+    h.qm.set_routes({"default": new}, {"default": 1})
+    old.release()
+    assert first.queue_id not in h.spool.messages
+    assert [a.queue_id for a in new.attempts] == [second.queue_id]
+    assert second.queue_id not in h.spool.messages
+
+
+def test_set_routes_raising_concurrency_starts_waiting_messages_at_once() -> None:
+    courier = RecordingCourier(hold=True)
+    h = make(courier=courier, concurrency=1)
+    h.queue()
+    h.queue()
+    h.queue()
+    assert len(courier.pending) == 1
+    h.qm.set_routes({"default": courier}, {"default": 3})
+    assert len(courier.pending) == 3
+
+
+def test_set_routes_without_a_route_defers_its_messages() -> None:
+    h = make()
+    h.qm.set_routes({}, {})
+    message = h.queue()
+    assert message.queue_id in h.spool.messages
+    assert h.qm.counts()["deferred"] == 1
+    assert "no route named 'default'" in (h.qm.describe(message.queue_id) or {}).get(
+        "last_error", "")
 
 
 # -- views --------------------------------------------------------------------------------

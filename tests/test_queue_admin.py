@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import email
+import io
 import json
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from relayd.admin import history_line, print_show
 from tests.relay import Relay, wait_for
 
 
@@ -165,3 +168,97 @@ def test_drain_without_daemon_fails(relay_factory) -> None:
     out = subprocess.run([sys.executable, "-m", "relayd.cli", "drain", "--config",
                           str(relay.config_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "not running" in out.stderr
+
+
+# -- relayd queue show: the message's history -------------------------------------------
+
+
+def test_show_prints_envelope_and_history_online_and_offline(relay_factory) -> None:
+    """A message deferred twice: `queue show` prints its envelope, then its arrival and
+    both deferrals, with the daemon running and from the spool after it stopped."""
+    relay = relay_factory(start=False, queue='retry = ["1s"]')
+    relay.outbox.write_text("blocked")
+    relay.start()
+    send(relay, "app@example.org", "history")
+    entries = wait_for(lambda: (e := listing(relay)) and e[0]["attempts"] >= 2 and e,
+                       what="two deferrals")
+    qid = entries[0]["id"]
+    deferral = re.compile(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ deferred to=<rcpt@example\.net> route=outbox "
+        r"\(.*cannot write to maildir.*\)$", re.M)
+
+    def check(out: subprocess.CompletedProcess) -> list[str]:
+        assert out.returncode == 0, out.stderr
+        head, _, history = out.stdout.partition("\n\n")
+        assert re.search(rf"^queue id: +{qid}$", head, re.M)
+        assert re.search(r"^sender: +<app@example\.org>$", head, re.M)
+        assert re.search(r"^recipients: +<rcpt@example\.net>$", head, re.M)
+        assert re.search(r"^listener: +mta$", head, re.M)
+        assert re.search(r"^client: +127\.0\.0\.1$", head, re.M)
+        assert re.search(r"^helo: +client\.test$", head, re.M)
+        lines = history.splitlines()
+        assert re.match(r"^\S+Z received from=<app@example\.org> size=\d+ nrcpt=1 "
+                        r"listener=mta client=127\.0\.0\.1 helo=client\.test$", lines[0])
+        assert len(deferral.findall(history)) >= 2, history
+        times = [line.split()[0] for line in lines]
+        assert times == sorted(times)
+        return lines
+
+    online = check(queue(relay, "show", qid))
+    shown = json.loads(queue(relay, "show", qid, "--json").stdout)
+    assert [e["event"] for e in shown["history"]][:3] == ["received", "deferred", "deferred"]
+    assert shown["history"][1]["recipients"] == ["rcpt@example.net"]
+    relay.signal(signal.SIGTERM)
+    offline = check(queue(relay, "show", qid))
+    assert len(offline) >= len(online) - 1  # a last deferral may not have reached the disk
+
+
+def test_hold_and_release_offline_are_in_the_history(relay_factory) -> None:
+    relay = blocked_relay(relay_factory)
+    send(relay, "app@example.org", "held")
+    [qid] = deferred_ids(relay, 1)
+    relay.signal(signal.SIGTERM)
+    assert queue(relay, "hold", qid).returncode == 0
+    assert queue(relay, "release", qid).returncode == 0
+    events = [e["event"] for e in json.loads(queue(relay, "show", qid, "--json").stdout)
+              ["history"]]
+    assert events == ["received", "deferred", "held", "released"]
+
+
+def test_history_lines_format() -> None:
+    """Postfix-log-like lines; recipients beyond those named are counted; a gap in a
+    long history is said."""
+    out = io.StringIO()
+    entry = {
+        "id": "0123456789ABCDEF0123", "state": "deferred", "arrival": 1_700_000_000.0,
+        "age": 120.0, "size": 1234, "sender": "a@x.test", "recipients": ["c@y.test"],
+        "all_recipients": ["b@y.test", "c@y.test"], "attempts": 7, "next_attempt": None,
+        "last_error": "451 4.3.0 try later", "route": "default", "listener": "submission",
+        "client_address": "192.0.2.1", "helo": "c.test", "user": "app1", "history_omitted": 4,
+        "history": [
+            {"time": 1_700_000_000.0, "event": "received", "from": "a@x.test", "size": 1234,
+             "nrcpt": 2, "listener": "submission", "client": "192.0.2.1", "helo": "c.test",
+             "user": "app1"},
+            {"time": 1_700_000_001.0, "event": "sent", "recipients": ["b@y.test"],
+             "route": "default", "relay": "smtp.x[1.2.3.4]:587", "reply": "250 2.0.0 Ok"},
+            {"time": 1_700_000_300.0, "event": "deferred", "recipients": ["c@y.test"],
+             "more": 3, "route": "default", "relay": "smtp.x[1.2.3.4]:587",
+             "reply": "451 4.3.0 try later"},
+            {"time": 1_700_000_400.0, "event": "held"},
+        ],
+    }
+    print_show(entry, out, as_json=False)
+    head, _, history = out.getvalue().partition("\n\n")
+    assert "recipients:  <b@y.test> (done), <c@y.test>" in head
+    assert "user:        app1" in head and "last error:  451 4.3.0 try later" in head
+    assert history.splitlines() == [
+        "2023-11-14T22:13:20Z received from=<a@x.test> size=1234 nrcpt=2 listener=submission "
+        "client=192.0.2.1 helo=c.test user=app1",
+        "2023-11-14T22:13:21Z sent to=<b@y.test> route=default relay=smtp.x[1.2.3.4]:587 "
+        "(250 2.0.0 Ok)",
+        "... 4 more events not kept ...",
+        "2023-11-14T22:18:20Z deferred to=<c@y.test> (+3 more) route=default "
+        "relay=smtp.x[1.2.3.4]:587 (451 4.3.0 try later)",
+        "2023-11-14T22:20:00Z held",
+    ]
+    assert history_line({"time": 0.0, "event": "released"}) == "1970-01-01T00:00:00Z released"

@@ -5,8 +5,8 @@ Layout under the spool directory::
     tmp/QID          being written; anything here at start is a leftover
     messages/QID     one file per queued message: a JSON envelope line,
                      then the content (CRLF lines, as received)
-    state/QID.json   retry state of a deferred or held message (absent for
-                     a message never tried)
+    state/QID.json   retry state of a deferred or held message, and what
+                     happened to it (absent for a message never tried)
     corrupt/QID      files that could not be read, kept for a human
 
 One file per message means one fsync and one rename per message, and the
@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relayd.diskio import Batch, InlineDiskWriter, fsync_dir, write_all
-from relayd.envelope import Envelope, QueuedMessage, QueueId, is_queue_id, new_queue_id
+from relayd.envelope import Envelope, Event, QueuedMessage, QueueId, is_queue_id, new_queue_id
 from relayd.interfaces import ISpool, ISpoolWriter
 
 log = Logger(namespace="relayd.queue")
@@ -282,6 +282,8 @@ class Spool:
             last_error=state.get("last_error"),
             held=bool(state.get("held", False)),
             done=tuple(str(r) for r in state.get("done", ())),
+            history=_history(state.get("history", ())),
+            history_omitted=int(state.get("history_omitted", 0)),
         )
 
     def read(self, queue_id: QueueId) -> Deferred[QueuedMessage]:
@@ -307,6 +309,8 @@ class Spool:
                 "last_error": message.last_error,
                 "held": message.held,
                 "done": list(message.done),
+                "history": [event.to_json() for event in message.history],
+                "history_omitted": message.history_omitted,
             },
             ensure_ascii=False,
         ).encode("utf-8")
@@ -344,6 +348,20 @@ class Spool:
                 pass
 
         return self.disk.submit(unlink)
+
+
+def _history(records: Any) -> tuple[Event, ...]:
+    """The events of a state file.  State files written before there was a
+    history have none; an event that cannot be read is skipped, because a
+    history is for people and must never cost the message itself (a state
+    file error moves the message to corrupt/)."""
+    events = []
+    for record in records if isinstance(records, list) else ():
+        try:
+            events.append(Event.from_json(record))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return tuple(events)
 
 
 def control_socket_path(spool: str) -> str:

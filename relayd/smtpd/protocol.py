@@ -50,6 +50,7 @@ from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.datareader import DataReader
 from relayd.smtpd.policy import ListenerPolicy, UserSenders
 from relayd.smtpd.ratelimit import MessageRateLimiter
+from relayd.tls import handshake_failure_reason, tls_version
 
 log = Logger(namespace="relayd.smtpd")
 maillog = Logger(namespace="relayd.mail")
@@ -181,6 +182,78 @@ class SMTPServerFactory(ServerFactory):
                         if limits.messages_per_ip else None)
         self.auth_failure_delay = AUTH_FAILURE_DELAY
         self.auth_timeout = AUTH_BACKEND_TIMEOUT
+        #: Sessions open now, for a graceful stop.
+        self.sessions: set[SMTPServerProtocol] = set()
+        self.shutting_down = False
+        self._shutdown_done: Deferred[None] | None = None
+        self._shutdown_timer: IDelayedCall | None = None
+
+    def reconfigure(
+        self,
+        listener: ListenerConfig,
+        *,
+        tls: object | None = None,
+        auth_backend: IAuthBackend | None = None,
+    ) -> None:
+        """A config reload: new sessions get the new policy, limits and TLS
+        certificate; sessions in progress keep theirs, but check AUTH
+        against the new backend.
+
+        What clients have done so far stays counted: connections per IP,
+        AUTH failures (a reload must not lift a brute-force block) and the
+        message rate windows, whose limits change in place.
+        """
+        old = self.listener.limits
+        self.listener = listener
+        self.policy = ListenerPolicy.from_config(listener)
+        self.tls = tls
+        self.auth_backend = auth_backend
+        limits = listener.limits
+        self.auth_limiter.failures = limits.auth_failures
+        self.auth_limiter.block = limits.auth_block
+        if limits.messages_per_user != old.messages_per_user:
+            self.user_rate = (MessageRateLimiter(self.clock, limits.messages_per_user)
+                              if limits.messages_per_user else None)
+        if limits.messages_per_ip != old.messages_per_ip:
+            self.ip_rate = (MessageRateLimiter(self.clock, limits.messages_per_ip)
+                            if limits.messages_per_ip else None)
+
+    def shutdown(self, grace: float) -> Deferred[None]:
+        """Stop gracefully: idle sessions get ``421 4.3.2`` now, a session in
+        the middle of a transaction finishes it (its message is queued and
+        answered 250) and is then told 421; whatever is still open after
+        ``grace`` seconds is cut off, its message never acknowledged.
+
+        Fires when every session is gone.
+        """
+        self.shutting_down = True
+        done: Deferred[None] = Deferred()
+        if not self.sessions:
+            done.callback(None)
+            return done
+        self._shutdown_done = done
+        for session in list(self.sessions):
+            session.shutdown()
+        self._shutdown_timer = self.clock.callLater(grace, self._cut_off)
+        return done
+
+    def _cut_off(self) -> None:
+        if self.sessions:
+            log.warn("stopping: {count} SMTP sessions still open after the grace period; "
+                     "closing them (their transactions were not acknowledged)",
+                     count=len(self.sessions), listener=self.listener.name)
+        for session in list(self.sessions):
+            session.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _session_ended(self, session: SMTPServerProtocol) -> None:
+        self.sessions.discard(session)
+        done = self._shutdown_done
+        if done is not None and not self.sessions:
+            self._shutdown_done = None
+            timer = self._shutdown_timer
+            if timer is not None and timer.active():
+                timer.cancel()
+            done.callback(None)
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         p = SMTPServerProtocol(self)
@@ -199,7 +272,15 @@ class SMTPServerProtocol(Protocol):
 
     def __init__(self, factory: SMTPServerFactory) -> None:
         self._f = factory
+        # A session keeps the listener config it started with: a reload
+        # (SMTPServerFactory.reconfigure) changes what new sessions get,
+        # never the rules in the middle of someone's transaction.  The AUTH
+        # backend is the exception: credentials are checked against the
+        # current one, so a password removed by a reload stops working at
+        # once, even on a connection that was open before.
         self._listener = factory.listener
+        self._policy = factory.policy
+        self._tls_options = factory.tls
         self._sender: str | None = None
         self._recipients: list[str] = []
         self._smtputf8 = False
@@ -237,6 +318,9 @@ class SMTPServerProtocol(Protocol):
         self._user_senders: UserSenders | None = None
         self._auth_delay: IDelayedCall | None = None
         self._awaiting_handshake = False
+        # A TLS handshake (implicit, or after STARTTLS) has begun and not
+        # ended: its outcome is still to be counted.
+        self._handshaking = False
         self._reset_transaction()
 
     # -- connection ------------------------------------------------------
@@ -247,16 +331,21 @@ class SMTPServerProtocol(Protocol):
         self._session = Session(
             listener=self._listener.name, client_address=host, route=self._listener.route
         )
-        self._trusted = self._f.policy.trusted_client(host)
+        self._trusted = self._policy.trusted_client(host)
         if self._tls:
             self._session.protocol = "SMTPS"
         m = self._f.metrics
         m.smtp_connections.labels(self._listener.name).inc()
         m.smtp_connections_active.labels(self._listener.name).inc()
+        self._handshaking = self._tls and INegotiated.providedBy(self.transport)
         f = self._f
         f.connections += 1
         f.connections_per_ip[host] = f.connections_per_ip.get(host, 0) + 1
         self._counted = True
+        f.sessions.add(self)
+        if f.shutting_down:
+            self._close(421, "4.3.2", f"{f.hostname} Service shutting down")
+            return
         limits = self._listener.limits
         if limits.max_connections is not None and f.connections > limits.max_connections:
             m.smtp_rejects.labels(self._listener.name, "421").inc()
@@ -285,6 +374,12 @@ class SMTPServerProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the implicit-TLS handshake is done (also
         called after STARTTLS, when there is nothing left to do)."""
+        if self._handshaking:
+            self._handshaking = False
+            self._f.metrics.tls_handshakes.labels(self._listener.name, "success").inc()
+            self._f.metrics.tls_sessions.labels(
+                self._listener.name, tls_version(self.transport)
+            ).inc()
         if self._awaiting_handshake:
             self._awaiting_handshake = False
             if self._mode != CLOSING:
@@ -295,7 +390,20 @@ class SMTPServerProtocol(Protocol):
         self._reply(220, None, f"{self._f.hostname} ESMTP relayd")
         self._touch()
 
+    def _handshake_failed(self, reason: str, failure: Failure | None = None) -> None:
+        """Count a TLS handshake that did not complete (and log why: the
+        metric only has the bounded reason, the log has OpenSSL's words)."""
+        self._handshaking = False
+        name = self._listener.name
+        self._f.metrics.tls_handshakes.labels(name, "failure").inc()
+        self._f.metrics.tls_handshake_failures.labels(name, reason).inc()
+        log.info("TLS handshake failed from [{client}] on listener {listener}: {reason} ({error})",
+                 client=self._client, listener=name, reason=reason,
+                 error=failure.getErrorMessage() if failure is not None else "timeout")
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._handshaking:
+            self._handshake_failed(handshake_failure_reason(reason), reason)
         self._mode = CLOSING
         self.connected = False
         for call in (self._idle, self._deadline, self._auth_delay):
@@ -317,6 +425,23 @@ class SMTPServerProtocol(Protocol):
                 f.connections_per_ip[host] = left
             else:
                 f.connections_per_ip.pop(host, None)
+        self._f._session_ended(self)
+
+    def shutdown(self) -> None:
+        """The relay is stopping: close now unless a transaction is under
+        way, which may finish first (see ``SMTPServerFactory.shutdown``)."""
+        if self._mode == CLOSING or self._awaiting_handshake:
+            if self._awaiting_handshake:
+                self._t.abortConnection()
+            return
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        """While stopping, a session with no transaction and no reply owed
+        is told 421 and closed."""
+        if (self._f.shutting_down and self._mode == COMMAND and self._sender is None
+                and not self._waiting and self._sasl is None):
+            self._close(421, "4.3.2", f"{self._f.hostname} Service shutting down")
 
     @property
     def _client(self) -> str:
@@ -371,6 +496,8 @@ class SMTPServerProtocol(Protocol):
                 self._t.resumeProducing()
 
     def _timed_out(self) -> None:
+        if self._handshaking:
+            self._handshake_failed("timeout")
         if self._mode == CLOSING:
             # Our last reply never drained (the client stopped reading).
             self._t.abortConnection()
@@ -440,6 +567,8 @@ class SMTPServerProtocol(Protocol):
                     self._sasl_line(line)
                 else:
                     self._dispatch(line)
+                if self._f.shutting_down:
+                    self._close_if_idle()
         finally:
             self._in_process = False
         self._update_reading()
@@ -483,6 +612,7 @@ class SMTPServerProtocol(Protocol):
                 self._discarding = False
                 if self._sasl is not None:
                     self._sasl = None
+                    self._auth_refused("malformed")
                     self._error_reply(500, "5.5.6", "Authentication exchange line is too long")
                 else:
                     self._error_reply(500, "5.5.2", "Line too long")
@@ -516,6 +646,8 @@ class SMTPServerProtocol(Protocol):
                 if self._mode != COMMAND:
                     return
         if self._listener.require_tls and not self._tls and verb not in _PRE_TLS:
+            if verb == b"AUTH":
+                self._auth_refused("tls_required")
             self._error_reply(530, "5.7.0", "Must issue a STARTTLS command first")
             return
         try:
@@ -544,6 +676,8 @@ class SMTPServerProtocol(Protocol):
 
     def _resume(self, _: object) -> None:
         self._waiting = False
+        if self._f.shutting_down:
+            self._close_if_idle()
         if self._mode != CLOSING:
             self._touch()
             self._process()
@@ -594,7 +728,7 @@ class SMTPServerProtocol(Protocol):
             raise SMTPReply(502, "5.5.2", "Error: command not recognized")
         if arg:
             raise SMTPReply(501, "5.5.4", "Syntax: STARTTLS")
-        if self._f.tls is None or not ITLSTransport.providedBy(self.transport):
+        if self._tls_options is None or not ITLSTransport.providedBy(self.transport):
             raise SMTPReply(454, "4.7.0", "TLS not available due to local problem")
         self._reply(220, "2.0.0", "Ready to start TLS")
         # RFC 3207 §4.2 / CVE-2011-0411: nothing the client pipelined after
@@ -602,8 +736,9 @@ class SMTPServerProtocol(Protocol):
         self._buf.clear()
         self._scan = 0
         self._discarding = False
-        self._t.startTLS(self._f.tls)  # type: ignore[attr-defined,arg-type]
+        self._t.startTLS(self._tls_options)  # type: ignore[attr-defined,arg-type]
         self._tls = True
+        self._handshaking = True
         # ...and the session starts over: no HELO, no transaction, no AUTH.
         assert self._session is not None
         self._session.helo = ""
@@ -622,49 +757,70 @@ class SMTPServerProtocol(Protocol):
         if not self._auth_offered_on_listener:
             raise SMTPReply(502, "5.5.2", "Error: command not recognized")
         if not self._auth_allowed_here:
+            self._auth_refused("tls_required")
             if self._listener.tls == "none":
                 raise SMTPReply(503, "5.5.1", "Error: authentication not enabled")
             raise SMTPReply(530, "5.7.0", "Must issue a STARTTLS command first")
         if self._f.auth_limiter.blocked(self._client):
+            self._auth_refused("blocked")
             self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
             self._close(421, "4.7.0", f"{self._f.hostname} Error: too many authentication failures")
             return None
         if self._need_helo or not self._session.helo:
+            self._auth_refused("sequence")
             raise SMTPReply(503, "5.5.1", "Error: send HELO/EHLO first")
         if self._session.user is not None:
+            self._auth_refused("sequence")
             raise SMTPReply(503, "5.5.1", "Error: already authenticated")
         if self._sender is not None:
+            self._auth_refused("sequence")
             raise SMTPReply(503, "5.5.1", "Error: MAIL transaction in progress")
         mechanism, _, initial = arg.partition(b" ")
         initial = initial.strip(b" ")
         if not mechanism or b" " in initial:
+            self._auth_refused("malformed")
             raise SMTPReply(501, "5.5.4", "Syntax: AUTH mechanism")
         mechanism = mechanism.upper()
         if mechanism == b"PLAIN":
             if initial:
-                return self._plain(initial)
+                return self._initial_response(self._plain, initial)
             self._sasl = self._plain
             self._reply(334, None, "")
             return None
         if mechanism == b"LOGIN":
             if initial:
-                self._login_username(initial)
+                self._initial_response(self._login_username, initial)
                 return None
             self._sasl = self._login_username
             self._reply(334, None, _LOGIN_USERNAME)
             return None
+        self._auth_refused("mechanism")
         raise SMTPReply(504, "5.5.4", "Unsupported authentication mechanism")
+
+    def _auth_refused(self, reason: str) -> None:
+        """Count an AUTH that did not authenticate (relayd.metrics.AUTH_FAILURE_REASONS)."""
+        self._f.metrics.auth_failures.labels(self._listener.name, reason).inc()
+
+    def _initial_response(self, step: Callable[[bytes], Any], response: bytes) -> Any:
+        """``step(response)``, counting an undecodable response (501)."""
+        try:
+            return step(response)
+        except SMTPReply:
+            self._auth_refused("malformed")
+            raise
 
     def _sasl_line(self, line: bytes) -> None:
         """The client's answer to a 334 challenge."""
         step, self._sasl = self._sasl, None
         assert step is not None
         if line.strip(b" ") == b"*":
+            self._auth_refused("aborted")
             self._error_reply(501, "5.7.0", "Authentication aborted")
             return
         try:
             result = step(line.strip(b" "))
         except SMTPReply as e:
+            self._auth_refused("malformed")
             self._error_reply(e.code, e.enhanced, e.text)
             return
         if isinstance(result, Deferred):
@@ -744,6 +900,9 @@ class SMTPServerProtocol(Protocol):
                 self._auth_failed(username, mechanism, "wrong credentials").chainDeferred(result)
                 return
             self._f.metrics.auth_attempts.labels(self._listener.name, "error").inc()
+            self._auth_refused(
+                "backend_timeout" if failure.check(_AuthBackendTimeout) else "backend_error"
+            )
             if failure.check(_AuthBackendTimeout):
                 log.error("AUTH {mechanism} from [{client}]: the auth backend did not answer "
                           "within {timeout}s", mechanism=mechanism, client=self._client,
@@ -783,6 +942,7 @@ class SMTPServerProtocol(Protocol):
         host = self._client
         name = self._listener.name
         self._f.metrics.auth_attempts.labels(name, "failure").inc()
+        self._auth_refused("bad_credentials")
         log.info("AUTH {mechanism} from [{client}] failed: {why} (user={user!r})",
                  mechanism=mechanism, client=host, why=why, user=username[:64])
         if self._f.auth_limiter.failure(host):
@@ -841,7 +1001,7 @@ class SMTPServerProtocol(Protocol):
         if not smtputf8 and not sender.isascii():
             raise SMTPReply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
         self._f.sink.check_capacity()
-        self._f.policy.check_sender(sender, self._permitted)
+        self._policy.check_sender(sender, self._permitted)
         if self._user_senders is not None:
             self._user_senders.check(sender)
         self._check_rates()
@@ -893,7 +1053,7 @@ class SMTPServerProtocol(Protocol):
                 self._count_error()
             return
         try:
-            self._f.policy.check_recipient(recipient, self._permitted)
+            self._policy.check_recipient(recipient, self._permitted)
         except SMTPReply as e:
             maillog.info(
                 "NOQUEUE: reject: RCPT from [{client}]: {code} {enhanced} {text}; "
@@ -1017,9 +1177,11 @@ class SMTPServerProtocol(Protocol):
         self._wait(d)
 
     def _queued(self, queue_id: str) -> None:
+        size = self._size
         self._reset_transaction()
         self._messages += 1
         self._f.metrics.messages_received.labels(self._listener.name).inc()
+        self._f.metrics.message_size.labels(self._listener.name).observe(size)
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
     def _not_queued(self, failure: Failure) -> None:
