@@ -15,7 +15,7 @@ import relayd
 from relayd.errors import ConfigError
 
 
-def _run(config_option: str | None) -> int:
+def _run(config_option: str | None, log_format: str | None = None) -> int:
     from twisted.application.service import ServiceMaker
     from twisted.scripts.twistd import ServerOptions, runApp
 
@@ -33,7 +33,7 @@ def _run(config_option: str | None) -> int:
         _getPlugins = staticmethod(lambda interface: [maker])  # type: ignore[assignment]
 
     argv = ["--nodaemon", "--pidfile="]
-    if config.server.log_format == "json":
+    if (log_format or config.server.log_format) == "json":
         argv.append("--logger=relayd.logs.json_observer")
     argv.append("relayd")
     if config_option:
@@ -79,11 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", "-c", metavar="FILE",
                         help="config file (default: $RELAYD_CONFIG, else the embedded default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    log_format_help = "text (Postfix-style lines) or json (one object per line, the same " \
+        "fields); overrides [server] log_format"
+    parser.add_argument("--log-format", choices=("text", "json"), help=log_format_help)
     for name, text in (("run", "run in the foreground (the default)"),
                        ("check-config", "validate and print the effective config")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+        if name == "run":
+            p.add_argument("--log-format", choices=("text", "json"), dest="sub_log_format",
+                           help=log_format_help)
     drain = sub.add_parser("drain", help="stop accepting mail (readiness 503), keep delivering")
     drain.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _queue(config_option, args)
     if args.command == "drain":
         return _drain(config_option)
-    return _run(config_option)
+    return _run(config_option, getattr(args, "sub_log_format", None) or args.log_format)
 
 
 def _drain(config_option: str | None) -> int:

@@ -545,13 +545,19 @@ def test_embedded_default_config(tmp_path: Path) -> None:
         relay.stop()
 
 
-def test_json_log_format(relay_factory) -> None:
-    """log_format = "json": every line is JSON, mail events carry their fields."""
+@pytest.mark.parametrize("how", ["config", "option"])
+def test_json_log_format(relay_factory, how) -> None:
+    """log_format = "json" or ``relayd run --log-format json``: every line is
+    JSON, mail events carry their fields."""
     relay = relay_factory(start=False)
-    text = relay.config_path.read_text().replace('hostname = "relay.test"',
-                                                 'hostname = "relay.test"\nlog_format = "json"')
-    relay.config_path.write_text(text)
-    relay.start()
+    if how == "config":
+        text = relay.config_path.read_text().replace(
+            'hostname = "relay.test"', 'hostname = "relay.test"\nlog_format = "json"')
+        relay.config_path.write_text(text)
+        relay.start()
+    else:
+        relay.start([sys.executable, "-m", "relayd.cli", "run", "--config",
+                     str(relay.config_path), "--log-format", "json"])
     with relay.smtp() as s:
         s.sendmail("a@example.org", ["b@example.net"], message("json"))
     relay.wait_delivered(1)
