@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Throughput / CPU / memory benchmark for relayd, with a private Postfix as the yardstick.
+"""Throughput / latency / CPU / memory benchmark for relayd, with a private Postfix as the yardstick.
+
+One command runs the whole comparison (bench/README.md): ``python3 bench/run.py --verify --big``.
 
 Two workloads (``--workload``), both driven by Postfix's ``smtp-source`` (one new
 connection per message, one recipient, N messages over S parallel sessions):
@@ -11,18 +13,26 @@ connection per message, one recipient, N messages over S parallel sessions):
 * ``maildir``: smtp-source -> relay -> one local maildir (20,000 x 10 KB, 20 sessions).
 
 For each cell and each selected relay (relayd under two Pythons, and a private
-Postfix instance) the workload runs 3 times on a fresh spool, and the table
-shows medians:
+Postfix instance) the workload runs 3 times on a fresh spool, interleaved, and the
+tables show medians:
 
-* accept msgs/s   N / wall time of smtp-source (every 250 answered)
-* e2e msgs/s      N / time from smtp-source start until all N messages arrived
+* e2e msgs/s      (N + probe msgs) / time from smtp-source start until all arrived
                   (relay: smtp-sink's message counter; maildir: files in outbox/new)
-* CPU s           user+system CPU of the server process tree during the workload
-                  (baseline taken just before smtp-source starts, final sample once
+* accept msgs/s   messages answered 250 while smtp-source ran / its wall time
+* p50/p99 ms      accept latency ("." -> 250) of a latency probe: sequential SMTP
+                  sessions from the bench, one message of the cell's size each,
+                  while smtp-source runs (smtp-source reports no latency)
+* CPU s/1k        user+system CPU seconds of the server process tree per 1,000
+                  messages (baseline just before smtp-source starts, final sample once
                   the server has gone idle after the last delivery)
-* CPU ms/msg      CPU s / N
 * peak RSS, PSS   max over the run of the sum over the server's processes
-                  (/proc/PID/smaps_rollup sampled every 0.2 s)
+                  (/proc/PID/smaps_rollup sampled every 0.2 s); relayd's largest
+                  process also against the interpreter's import footprint
+* ratios          relayd / Postfix per cell
+
+--verify sends smtp-source's and the bench's own messages through every relay to a
+capturing sink and checks each arrived byte-identical apart from the Received:
+header; --big relays one 50 MB message and reports the relay's RSS growth.
 
 The peer is a throw-away Postfix instance (own config, queue and data directories
 under the bench's temp dir, own port on 127.0.0.1) that relays to the same kind of
@@ -36,15 +46,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
+import math
 import os
 import platform
 import pwd
+import random
 import re
 import resource
 import shutil
 import signal
 import socket
+import socketserver
 import statistics
 import subprocess
 import sys
@@ -67,6 +81,8 @@ PYTHONS = {
 PYTHON_LABELS = {"venv": "pyenv 3.11 (.venv)", "debian": "Debian python3 (.venv-deb)"}
 SENDER = "sender@bench.test"
 RECIPIENT = "rcpt@bench.test"
+PROBE_RECIPIENT = "probe@bench.test"  # the latency probe's messages
+VERIFY_RECIPIENT = "verify@bench.test"  # --verify: the bench's own messages
 
 # Defaults of the two workloads (see parse_args / README).
 RELAY_SESSIONS = [20, 100]
@@ -167,6 +183,71 @@ def _rollup(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def tree_memory(root: int) -> tuple[int, int, int, int]:
+    """(sum of Rss kB, sum of Pss kB, number of processes, largest single Rss kB) of root's
+    process tree."""
+    rss = pss = proc_max = 0
+    pids = process_tree(root)
+    for pid in pids:
+        r, p = _rollup(pid)
+        rss += r
+        pss += p
+        proc_max = max(proc_max, r)
+    return rss, pss, len(pids), proc_max
+
+
+def vm_rss_kb(pid: int) -> int:
+    """VmRSS of one process from /proc/PID/status (cheaper than smaps_rollup); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """--big: the summed VmRSS of a process tree (and its largest process) every `interval` s,
+    keeping the peaks; fine-grained (20 ms) so that a short-lived buffer is not missed."""
+
+    def __init__(self, root: int, interval: float = 0.02) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.root = root
+        self.interval = interval
+        self.peak_kb = 0
+        self.peak_proc_kb = 0
+        self.peak_at = 0.0
+        self.samples = 0
+        self.timeline: list[tuple[float, int]] = []  # (monotonic, summed kB)
+        self._halt = threading.Event()
+
+    def peak_between(self, t0: float, t1: float) -> int:
+        """Peak summed kB of the samples taken in [t0, t1]."""
+        return max((kb for t, kb in self.timeline if t0 <= t <= t1), default=0)
+
+    def current(self) -> tuple[int, int]:
+        sizes = [vm_rss_kb(pid) for pid in process_tree(self.root)]
+        return sum(sizes), max(sizes, default=0)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            total, largest = self.current()
+            now = time.monotonic()
+            self.timeline.append((now, total))
+            if total > self.peak_kb:
+                self.peak_kb, self.peak_at = total, now
+            self.peak_proc_kb = max(self.peak_proc_kb, largest)
+            self.samples += 1
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(5)
+
+
 class MemSampler(threading.Thread):
     """Samples the summed RSS/PSS of a process tree every `interval` s; keeps the max."""
 
@@ -176,20 +257,17 @@ class MemSampler(threading.Thread):
         self.interval = interval
         self.peak_rss_kb = 0
         self.peak_pss_kb = 0
+        self.peak_proc_rss_kb = 0  # the largest single process
         self.peak_procs = 0
         self.samples = 0
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        pids = process_tree(self.root)
-        rss = pss = 0
-        for pid in pids:
-            r, p = _rollup(pid)
-            rss += r
-            pss += p
+        rss, pss, nprocs, proc_max = tree_memory(self.root)
         self.peak_rss_kb = max(self.peak_rss_kb, rss)
         self.peak_pss_kb = max(self.peak_pss_kb, pss)
-        self.peak_procs = max(self.peak_procs, len(pids))
+        self.peak_proc_rss_kb = max(self.peak_proc_rss_kb, proc_max)
+        self.peak_procs = max(self.peak_procs, nprocs)
         self.samples += 1
 
     def run(self) -> None:
@@ -260,6 +338,404 @@ def tail(path: str, n: int = 20) -> list[str]:
 
 
 
+# --------------------------------------------------------------------------- SMTP in the bench
+
+
+class SmtpError(Exception):
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # the server's reply code, None: no (valid) reply
+
+
+class SmtpClient:
+    """A minimal blocking SMTP client (no pipelining, like smtp-source) for the latency probe,
+    --verify and --big. TCP_NODELAY: the final ".", written on its own, must not wait for the
+    ACK of the body (Nagle + delayed ACK would add up to 40 ms to every latency sample)."""
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = self.sock.makefile("rb")
+        self.esmtp = ""
+        self.dot_sent = False
+
+    def reply(self) -> tuple[int, str]:
+        lines: list[bytes] = []
+        while True:
+            line = self.rfile.readline(65536)
+            if not line:
+                raise SmtpError("connection closed by the server")
+            lines.append(line)
+            if len(line) < 4 or line[3:4] != b"-":
+                break
+        try:
+            code = int(lines[-1][:3])
+        except ValueError:
+            raise SmtpError(f"bad reply {lines[-1][:80]!r}") from None
+        return code, b"".join(lines).decode(errors="replace").strip()
+
+    def expect(self, code: int, what: str) -> str:
+        got, text = self.reply()
+        if got != code:
+            raise SmtpError(f"{what}: {text[:200]}", got)
+        return text
+
+    def command(self, line: str, code: int) -> str:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.expect(code, line.split(":")[0].split()[0])
+
+    def hello(self, name: str = "client.bench.test") -> None:
+        self.expect(220, "banner")
+        self.esmtp = self.command(f"EHLO {name}", 250)
+
+    def transaction(self, sender: str, recipients: list[str],
+                    chunks: Iterable[bytes]) -> tuple[float, float]:
+        """MAIL, RCPT, DATA, the (already dot-stuffed, CRLF-terminated) chunks, then "."
+        written on its own. Returns (time the "." was written, time its 250 arrived)."""
+        body8 = " BODY=8BITMIME" if "8BITMIME" in self.esmtp.upper() else ""
+        self.command(f"MAIL FROM:<{sender}>{body8}", 250)
+        for rcpt in recipients:
+            self.command(f"RCPT TO:<{rcpt}>", 250)
+        self.command("DATA", 354)
+        for chunk in chunks:
+            self.sock.sendall(chunk)
+        t_dot = time.monotonic()
+        self.sock.sendall(b".\r\n")
+        self.dot_sent = True
+        self.expect(250, "end of data")
+        return t_dot, time.monotonic()
+
+    def quit(self) -> None:
+        try:
+            self.command("QUIT", 221)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.rfile.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """RFC 5321 §4.5.2 transparency: a line that begins with "." gets another one."""
+    assert message.endswith(b"\r\n") or not message, "messages must end with CRLF"
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile: the smallest sample >= q % of the samples (p99 of 200
+    samples is the 3rd largest; of fewer than 100 samples, the largest)."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(1, math.ceil(q / 100 * len(s))) - 1]
+
+
+def smtp_source_body(size: int) -> bytes:
+    """The payload smtp-source -l SIZE sends (Postfix 3.7 smtp-source.c): SIZE bytes of 'X' in
+    80-byte lines (CRLF included) that each start with a digit 1, 2, ... 9, 0, 1, ...; a last
+    line without CRLF gets one (so the message is SIZE or SIZE + 2 bytes)."""
+    lines = []
+    full, rest = divmod(size, 80)
+    for i in range(1, full + 1):
+        if i * 80 < size:  # smtp-source marks line ends for i*80 < size only
+            lines.append(b"0123456789"[i % 10:i % 10 + 1] + b"X" * 77 + b"\r\n")
+        else:
+            lines.append(b"X" * 80)
+    if rest:
+        lines.append(b"X" * rest)
+    body = b"".join(lines)
+    return body if body.endswith(b"\n") or not body else body + b"\r\n"
+
+
+SMTP_SOURCE_HEAD = re.compile(
+    rb"From: <[^>\r\n]*>\r\nTo: <[^>\r\n]*>\r\nDate: [^\r\n]+\r\nMessage-Id: <[^>\r\n]+>\r\n\r\n")
+
+
+def bench_message(msgid: str, body: bytes, subject: str = "bench", extra: bytes = b"") -> bytes:
+    """A message with every header a relay would otherwise add (From, To, Date, Message-Id),
+    so that what a faithful relay passes on is exactly this plus its Received: header."""
+    head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: {subject}\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+            f"Message-Id: <{msgid}>\r\n").encode() + extra + b"\r\n"
+    return head + body
+
+
+class LatencyProbe(threading.Thread):
+    """Sequential SMTP sessions to the relay under test while smtp-source loads it: one
+    message of the cell's size each, `interval` s apart. Per sample: accept latency = from
+    writing the final "." to reading the 250 (the relay making the message durable and
+    answering), and session time = connect to the 221 after QUIT. The messages go to
+    PROBE_RECIPIENT and are delivered like the others (the sink receives N + accepted)."""
+
+    def __init__(self, port: int, size: int, interval: float, timeout: float = 60.0) -> None:
+        super().__init__(daemon=True, name="latency-probe")
+        self.port = port
+        self.interval = interval
+        self.timeout = timeout
+        self.body = dot_stuff(smtp_source_body(size))
+        self.accept_s: list[float] = []
+        self.session_s: list[float] = []
+        self.accepted_at: list[float] = []  # monotonic time of each 250 after "."
+        self.errors = 0
+        self.uncertain = 0  # "." written but no answer: the relay may or may not have it
+        self.first_errors: list[str] = []
+        self.in_flight = False
+        self.lock = threading.Lock()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        n = 0
+        while True:
+            with self.lock:  # stop() and the start of a transaction exclude each other
+                if self._halt.is_set():
+                    return
+                self.in_flight = True
+            n += 1
+            t0 = time.monotonic()
+            accepted = False
+            c: SmtpClient | None = None
+            try:
+                c = SmtpClient(self.port, self.timeout)
+                c.hello("probe.bench.test")
+                msg = bench_message(f"probe.{os.getpid()}.{n}.{t0:.6f}@bench.test", b"",
+                                    subject="latency probe")
+                t_dot, t_250 = c.transaction(SENDER, [PROBE_RECIPIENT], (msg, self.body))
+                accepted = True
+                with self.lock:
+                    self.accepted_at.append(t_250)
+                    self.in_flight = False
+                self.accept_s.append(t_250 - t_dot)
+                c.quit()
+                self.session_s.append(time.monotonic() - t0)
+            except (OSError, SmtpError) as e:
+                self.errors += 1
+                if (not accepted and c is not None and c.dot_sent
+                        and getattr(e, "code", None) is None):
+                    self.uncertain += 1  # "." written, no answer: delivered or not?
+                if len(self.first_errors) < 5:
+                    self.first_errors.append(f"{type(e).__name__}: {e}")
+                if c is not None:
+                    c.close()
+            finally:
+                with self.lock:
+                    self.in_flight = False
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        """No new transaction starts after this; one in flight finishes (see settled)."""
+        with self.lock:
+            self._halt.set()
+
+    def settled(self) -> bool:
+        """Stopped, and no transaction in flight: len(accepted_at) is final."""
+        with self.lock:
+            return self._halt.is_set() and not self.in_flight
+
+    def accepted(self) -> int:
+        with self.lock:
+            return len(self.accepted_at)
+
+    def summary(self, t_window_end: float | None) -> dict[str, Any]:
+        acc = [1000 * v for v in self.accept_s]
+        ses = [1000 * v for v in self.session_s]
+        return {
+            "samples": len(acc),
+            "accept_p50_ms": _round(percentile(acc, 50), 2),
+            "accept_p99_ms": _round(percentile(acc, 99), 2),
+            "accept_max_ms": _round(max(acc) if acc else None, 2),
+            "session_p50_ms": _round(percentile(ses, 50), 2),
+            "session_p99_ms": _round(percentile(ses, 99), 2),
+            "messages": self.accepted(),
+            "in_load_window": sum(1 for t in self.accepted_at
+                                  if t_window_end is None or t <= t_window_end),
+            "errors": self.errors, "uncertain": self.uncertain,
+            "first_errors": self.first_errors,
+        }
+
+
+def _round(v: float | None, nd: int) -> float | None:
+    return None if v is None else round(v, nd)
+
+
+class CaptureSink:
+    """A minimal ESMTP server in the bench process (one thread per connection) that keeps
+    what it receives, unlike smtp-sink: for every message the envelope, the Received:
+    header fields at its top (what the relay added) and the rest, dot-unstuffed, byte for
+    byte -- or, beyond `keep_limit` bytes, only the rest's SHA-256 and length (--big)."""
+
+    def __init__(self, keep_limit: int = 4 * 1024 * 1024) -> None:
+        self.keep_limit = keep_limit
+        self.messages: list[dict[str, Any]] = []
+        self.sessions_count = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.server: socketserver.ThreadingTCPServer | None = None
+        self.thread: threading.Thread | None = None
+        self.port = 0
+
+    def received(self) -> int:
+        with self.lock:
+            return len(self.messages)
+
+    def sessions(self) -> int:
+        with self.lock:
+            return self.sessions_count
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def cpu_ticks(self) -> int:
+        return 0  # it is part of the bench process
+
+    def start(self) -> None:
+        sink = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            rbufsize = 256 * 1024
+            timeout = 600
+
+            def handle(self) -> None:
+                try:
+                    sink._session(self.rfile, self.connection)
+                except (OSError, SmtpError) as e:
+                    with sink.lock:
+                        sink.errors.append(f"{type(e).__name__}: {e}")
+                finally:
+                    with sink.lock:
+                        sink.sessions_count += 1
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       name="capture-sink")
+        self.thread.start()
+        _LIVE.append(self)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+    def _session(self, rfile: Any, conn: socket.socket) -> None:
+        conn.sendall(b"220 capture.bench.test ESMTP bench capture sink\r\n")
+        sender: str | None = None
+        rcpts: list[str] = []
+        while True:
+            line = rfile.readline(65536)
+            if not line:
+                return
+            cmd = line.rstrip(b"\r\n").decode(errors="replace")
+            verb = cmd[:4].upper()
+            if verb == "EHLO":
+                conn.sendall(b"250-capture.bench.test\r\n250-PIPELINING\r\n250-SIZE 0\r\n"
+                             b"250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n")
+            elif verb == "HELO":
+                conn.sendall(b"250 capture.bench.test\r\n")
+            elif verb == "MAIL":
+                sender, rcpts = cmd[10:].strip(), []
+                conn.sendall(b"250 2.1.0 Ok\r\n")
+            elif verb == "RCPT":
+                if sender is None:
+                    conn.sendall(b"503 5.5.1 Error: need MAIL command\r\n")
+                else:
+                    rcpts.append(cmd[8:].strip())
+                    conn.sendall(b"250 2.1.5 Ok\r\n")
+            elif verb == "DATA":
+                if not rcpts:
+                    conn.sendall(b"503 5.5.1 Error: need RCPT command\r\n")
+                    continue
+                conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                msg = self._data(rfile)
+                msg.update({"sender": sender, "rcpts": rcpts, "t": time.monotonic()})
+                with self.lock:
+                    self.messages.append(msg)
+                    n = len(self.messages)
+                conn.sendall(f"250 2.0.0 Ok: queued as {n}\r\n".encode())
+                sender, rcpts = None, []
+            elif verb == "RSET":
+                sender, rcpts = None, []
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+            elif verb == "NOOP":
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+            elif verb == "QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"502 5.5.2 Error: command not recognized\r\n")
+
+    def _data(self, rfile: Any) -> dict[str, Any]:
+        """Read DATA up to the "." line: leading Received: fields apart, the rest hashed
+        (and kept while it is within keep_limit)."""
+        prefix: list[bytes] = []
+        in_prefix, in_received, line_start = True, False, True
+        digest = hashlib.sha256()
+        kept: list[bytes] | None = []
+        length = 0
+        pending: list[bytes] = []
+        pending_len = 0
+        while True:
+            line = rfile.readline(1 << 20)
+            if not line:
+                raise SmtpError("connection closed in DATA")
+            if line_start:
+                if line == b".\r\n":
+                    break
+                if line.startswith(b"."):
+                    line = line[1:]
+            was_start, line_start = line_start, line.endswith(b"\n")
+            if in_prefix:
+                if was_start and line[:9].lower() == b"received:":
+                    in_received = True
+                elif not (in_received and (not was_start or line[:1] in (b" ", b"\t"))):
+                    in_prefix = False
+                if in_prefix:
+                    prefix.append(line)
+                    continue
+            pending.append(line)
+            pending_len += len(line)
+            if pending_len >= 1 << 20:
+                chunk = b"".join(pending)
+                digest.update(chunk)
+                length += len(chunk)
+                if kept is not None:
+                    kept.append(chunk)
+                    if length > self.keep_limit:
+                        kept = None
+                pending, pending_len = [], 0
+        chunk = b"".join(pending)
+        digest.update(chunk)
+        length += len(chunk)
+        if kept is not None:
+            kept.append(chunk)
+            if length > self.keep_limit:
+                kept = None
+        return {"prefix": b"".join(prefix), "sha256": digest.hexdigest(), "length": length,
+                "data": b"".join(kept) if kept is not None else None}
+
+
+def count_received(prefix: bytes) -> int:
+    return sum(1 for line in prefix.split(b"\r\n") if line[:9].lower() == b"received:")
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    """Where two byte strings first differ, with a little context of each."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return (f"first difference at byte {i} (lengths sent {len(a)}, received {len(b)}): "
+            f"sent {a[max(0, i - 20):i + 30]!r}, received {b[max(0, i - 20):i + 30]!r}")
+
+
 # --------------------------------------------------------------------------- servers
 
 
@@ -296,7 +772,7 @@ class Cell:
 
     def __init__(self, workload: str, sessions: int, size: int, messages: int,
                  concurrency: int, reuse_connections: bool = False,
-                 backlog: int | None = None) -> None:
+                 backlog: int | None = None, max_message_size: int | None = None) -> None:
         self.workload = workload
         self.sessions = sessions
         self.size = size
@@ -304,6 +780,7 @@ class Cell:
         self.concurrency = concurrency
         self.reuse_connections = reuse_connections
         self.backlog = backlog  # relayd's listen backlog; None = relayd's default
+        self.max_message_size = max_message_size  # --big: both relays' limit; None = default
 
     @property
     def name(self) -> str:
@@ -458,6 +935,8 @@ class RelaydServer:
             f'[http]\nlisten = "tcp:0:interface=127.0.0.1"\n'
             f'[[listener]]\nname = "bench"\nlisten = "tcp:0:interface=127.0.0.1{backlog}"\n'
         )
+        if self.cell.max_message_size:
+            text += f"max_message_size = {self.cell.max_message_size}\n"
         if self.cell.workload == "relay":
             text += (
                 f'route = "up"\nmax_recipients = 1000\n'
@@ -620,6 +1099,8 @@ class PostfixServer:
             "alias_database": "",
             "smtpd_relay_restrictions": "permit_mynetworks, reject",
         }
+        if self.cell.max_message_size:
+            cf["message_size_limit"] = str(self.cell.max_message_size)
         if self.cell.workload == "relay":
             cf.update({
                 # Everything goes to the smtp-sink through the smtp(8) client; Postfix's
@@ -794,6 +1275,7 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
     sink: SmtpSink | None = SmtpSink(rundir) if relay else None
     server: Any = None
     sampler: MemSampler | None = None
+    probe: LatencyProbe | None = None
     src: subprocess.Popen[bytes] | None = None
     result: dict[str, Any] = {"impl": label, "run": idx, "messages": n, "ok": False,
                               "errors": [], "warnings": [], **cell.as_dict()}
@@ -814,6 +1296,10 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
         sampler = MemSampler(server.root_pid, args.sample_interval)
         sampler.start()
         time.sleep(0.5)  # let the server settle after start-up
+        idle_rss, idle_pss, _procs, idle_proc = tree_memory(server.root_pid)
+        result["idle_rss_mb"] = round(idle_rss / 1024, 1)
+        result["idle_pss_mb"] = round(idle_pss / 1024, 1)
+        result["idle_proc_rss_mb"] = round(idle_proc / 1024, 1)
         usr0, sys0 = cpu_split(server.root_pid)
         cpu0 = usr0 + sys0
         sink0 = sink.cpu_ticks() if sink is not None else 0
@@ -832,6 +1318,9 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
         src = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
         _LIVE.append(src)
+        if args.probe_interval > 0:
+            probe = LatencyProbe(server.port, cell.size, args.probe_interval)
+            probe.start()
 
         def waiter(p: subprocess.Popen[bytes] = src) -> None:
             out, err = p.communicate()
@@ -849,10 +1338,15 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
         progress_at = t0 + 30
         while True:
             now = time.monotonic()
+            if probe is not None and "t" in done:
+                probe.stop()  # the probe samples while smtp-source runs
+            # Until the probe has stopped, its message count is not final.
+            settled = probe is None or probe.settled()
+            expected = n + (probe.accepted() if probe is not None else 0)
             count = delivered_now()
             if count != delivered:
                 delivered, last_progress = count, now
-            if delivered >= n:
+            if settled and delivered >= expected:
                 t_e2e = now
                 break
             if not server.alive():
@@ -871,9 +1365,11 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
                         f"smtp-source still running after {source_timeout:.0f} s: killed")
                     kill_pid(src.pid)
                     wt.join(10)
+                    if probe is not None:
+                        probe.stop()
             elif now - max(last_progress, done["t"]) > args.stall_timeout:
                 result["errors"].append(
-                    f"delivery stalled: {delivered}/{n} "
+                    f"delivery stalled: {delivered}/{expected} "
                     f"{'received by smtp-sink' if relay else 'in the maildir'}, no progress "
                     f"for {args.stall_timeout:.0f} s after smtp-source finished")
                 break
@@ -881,6 +1377,25 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
         wt.join(source_timeout)
         if src in _LIVE:
             _LIVE.remove(src)
+        probe_msgs = probe_uncertain = probe_in_window = 0
+        if probe is not None:
+            probe.stop()
+            probe.join(probe.timeout + 10)
+            result["probe"] = probe.summary(done.get("t"))
+            probe_msgs = result["probe"]["messages"]
+            probe_uncertain = result["probe"]["uncertain"]
+            probe_in_window = result["probe"]["in_load_window"]
+            for key in ("samples", "accept_p50_ms", "accept_p99_ms", "session_p50_ms",
+                        "session_p99_ms"):
+                result[f"latency_{key}" if key == "samples" else key] = result["probe"][key]
+            if result["probe"]["errors"]:
+                result["warnings"].append(
+                    f"latency probe: {result['probe']['errors']} failed session(s), e.g. "
+                    + "; ".join(result["probe"]["first_errors"][:2]))
+        # Everything the relay had to carry: smtp-source's N and the probe's messages.
+        total = n + probe_msgs
+        result["probe_messages"] = probe_msgs
+        result["total_messages"] = total
 
         # Relay: the sink has everything; the relay must also have logged every
         # delivery and emptied its queue (a message sent but not removed would be
@@ -889,13 +1404,13 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
         if relay and t_e2e is not None:
             deadline = time.monotonic() + args.drain_timeout
             while time.monotonic() < deadline and server.alive():
-                if server.count_sent() >= n and server.queue_count() == 0:
+                if server.count_sent() >= total and server.queue_count() == 0:
                     t_drained = time.monotonic()
                     break
                 time.sleep(0.1)
             if t_drained is None:
                 result["errors"].append(
-                    f"not drained {args.drain_timeout:.0f} s after the sink had all {n}: "
+                    f"not drained {args.drain_timeout:.0f} s after the sink had all {total}: "
                     f"{server.count_sent()} status=sent logged, {server.queue_count()} "
                     "message(s) still queued")
 
@@ -920,15 +1435,20 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
             result["errors"].append(f"smtp-source exit code {rc}: {done.get('output', '')[-500:]}")
         accept_s = done["t"] - t0 if "t" in done else None
         result["accept_s"] = round(accept_s, 3) if accept_s else None
-        result["accept_rate"] = round(n / accept_s, 1) if accept_s and rc == 0 else None
+        # accept/s: what the relay answered 250 to while smtp-source ran (its N and the
+        # probe's messages in that window); smtp-source's own rate is kept apart.
+        result["accept_rate"] = (round((n + probe_in_window) / accept_s, 1)
+                                 if accept_s and rc == 0 else None)
+        result["source_accept_rate"] = round(n / accept_s, 1) if accept_s and rc == 0 else None
         result["delivered"] = delivered_now()
         result["e2e_s"] = round(t_e2e - t0, 3) if t_e2e else None
-        result["e2e_rate"] = round(n / (t_e2e - t0), 1) if t_e2e else None
+        result["e2e_rate"] = round(total / (t_e2e - t0), 1) if t_e2e else None
         result["drained_s"] = round(t_drained - t0, 3) if t_drained else None
         cpu_s = (cpu1 - cpu0) / CLK_TCK
         sink_s = (sink1 - sink0) / CLK_TCK
         result["cpu_s"] = round(cpu_s, 2)
-        result["cpu_ms_per_msg"] = round(1000 * cpu_s / n, 3)
+        result["cpu_ms_per_msg"] = round(1000 * cpu_s / total, 3)
+        result["cpu_s_per_1k"] = result["cpu_ms_per_msg"]  # the same number: s per 1,000 msgs
         result["cpu_user_s"] = round((usr1 - usr0) / CLK_TCK, 2)
         result["cpu_sys_s"] = round((sys1 - sys0) / CLK_TCK, 2)
         result["sys_pct"] = round(100 * (sys1 - sys0) / (cpu1 - cpu0), 1) if cpu1 > cpu0 else None
@@ -944,24 +1464,27 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
         result["steal_s"] = round((steal1 - steal0) / CLK_TCK, 2)
         result["peak_rss_mb"] = round(sampler.peak_rss_kb / 1024, 1)
         result["peak_pss_mb"] = round(sampler.peak_pss_kb / 1024, 1)
+        result["peak_proc_rss_mb"] = round(sampler.peak_proc_rss_kb / 1024, 1)
         result["peak_processes"] = sampler.peak_procs
         result["mem_samples"] = sampler.samples
         result["queued_at_end"] = server.queue_count()
         result["log"] = server.log_summary()
         lg = result["log"]
-        if result["delivered"] < n:
+        if result["delivered"] < total:
             result["errors"].append(
-                f"only {result['delivered']}/{n} messages "
+                f"only {result['delivered']}/{total} messages "
                 f"{'received by smtp-sink' if relay else 'delivered'} "
                 f"(relay log: accepted {lg.get('accepted')}, sent {lg.get('sent')}, "
                 f"deferred {lg.get('deferred')}, bounced {lg.get('bounced')}; "
                 f"{result['queued_at_end']} still queued)")
-        elif result["delivered"] > n:
+        elif result["delivered"] > total + probe_uncertain:
             result["errors"].append(
                 f"DUPLICATES: {result['delivered']} messages "
-                f"{'received by smtp-sink' if relay else 'delivered'} for {n} sent")
-        if relay and lg.get("sent") != n and not any("drained" in e for e in result["errors"]):
-            result["errors"].append(f"relay log has {lg.get('sent')} status=sent for {n} messages")
+                f"{'received by smtp-sink' if relay else 'delivered'} for {total} sent")
+        if (relay and not total <= (lg.get("sent") or 0) <= total + probe_uncertain
+                and not any("drained" in e for e in result["errors"])):
+            result["errors"].append(
+                f"relay log has {lg.get('sent')} status=sent for {total} messages")
         if lg.get("deferred") or lg.get("bounced"):
             result["warnings"].append(
                 f"{lg.get('deferred')} deferral(s), {lg.get('bounced')} bounce(s) logged")
@@ -1004,6 +1527,8 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
             src.wait(10)
         if src in _LIVE:
             _LIVE.remove(src)
+        if probe is not None:
+            probe.stop()
         if sampler is not None:
             sampler.stop()
         if server is not None:
@@ -1020,9 +1545,17 @@ def run_once(make_server: Callable[[Cell, str, int], Any], label: str, idx: int,
 # --------------------------------------------------------------------------- report
 
 MEDIAN_KEYS = (
-    "accept_rate", "e2e_rate", "cpu_s", "cpu_ms_per_msg", "peak_rss_mb", "peak_pss_mb",
+    "accept_rate", "source_accept_rate", "e2e_rate", "cpu_s", "cpu_ms_per_msg", "cpu_s_per_1k",
+    "peak_rss_mb", "peak_pss_mb", "peak_proc_rss_mb", "idle_rss_mb", "idle_pss_mb",
+    "idle_proc_rss_mb", "accept_p50_ms", "accept_p99_ms", "session_p50_ms", "session_p99_ms",
+    "latency_samples", "probe_messages", "total_messages",
     "accept_s", "e2e_s", "drained_s", "client_cpu_s", "sink_cpu_s", "other_cpu_s", "steal_s",
-    "cpu_user_s", "cpu_sys_s", "sys_pct", "msgs_per_connection", "upstream_connections")
+    "cpu_user_s", "cpu_sys_s", "sys_pct", "msgs_per_connection", "upstream_connections",
+    "peak_processes")
+
+# Memory criteria of the issue (bench/README.md, "Memory").
+ABOVE_IMPORT_LIMIT_MB = 30.0
+BIG_GROWTH_LIMIT_MB = 10.0
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -1080,15 +1613,31 @@ def cell_ratios(medians: list[dict[str, Any]]) -> dict[str, dict[str, float | No
     return {m["impl"]: {
         "accept": _ratio(m["accept_rate"], peer["accept_rate"]),
         "e2e": _ratio(m["e2e_rate"], peer["e2e_rate"]),
+        "accept_p50": _ratio(m["accept_p50_ms"], peer["accept_p50_ms"]),
+        "accept_p99": _ratio(m["accept_p99_ms"], peer["accept_p99_ms"]),
         "cpu_per_msg": _ratio(m["cpu_ms_per_msg"], peer["cpu_ms_per_msg"]),
+        "rss": _ratio(m["peak_rss_mb"], peer["peak_rss_mb"]),
+        "pss": _ratio(m["peak_pss_mb"], peer["peak_pss_mb"]),
     } for m in medians if m is not peer}
+
+
+def above_import(meta: dict[str, Any], m: dict[str, Any]) -> float | None:
+    """relayd: peak RSS of its largest process minus the interpreter's import footprint."""
+    key = m["impl"].removeprefix("relayd ")
+    base = meta.get("import_rss_mb", {}).get(key)
+    if not m["impl"].startswith("relayd ") or base is None or m.get("peak_proc_rss_mb") is None:
+        return None
+    return m["peak_proc_rss_mb"] - base
 
 
 def table_header(meta: dict[str, Any], cells: list[Cell]) -> list[str]:
     w = meta["workload"]
     out = [
-        f"relayd benchmark  {meta['date']}  host {meta['host']}, {meta['cpus']} CPUs, "
-        f"kernel {meta['kernel']}, workdir fs {meta['workdir_fs']}",
+        f"relayd benchmark  {meta['date']}  host {meta['host']}, kernel {meta['kernel']}, "
+        f"workdir fs {meta['workdir_fs']}",
+        f"cores: os.cpu_count() = {meta['cpus']}, nproc = {meta.get('nproc', '?')}, "
+        f"usable by the bench (sched_getaffinity) = {meta.get('cpus_usable', '?')}; "
+        f"{meta.get('cpu_model', '?')}",
         f"relayd {meta['relayd_commit']}{' (+uncommitted changes)' if meta['relayd_dirty'] else ''}"
         + (f", snapshot {meta['relayd_snapshot']['sha256']}" if meta.get("relayd_snapshot")
            else ", live tree")
@@ -1110,89 +1659,562 @@ def table_header(meta: dict[str, Any], cells: list[Cell]) -> list[str]:
             f"({'connections reused' if w['reuse_connections'] else 'one connection per message'}"
             f"), 1 rcpt, delivery into one maildir, concurrency {w['concurrency']}, relayd listen "
             f"backlog {w.get('relayd_backlog') or 'default (relayd: 1024)'}")
-    out.append("cells (sessions x size: messages): "
-               + ", ".join(f"{c.sessions}x{human_size(c.size)}: {c.messages}" for c in cells)
-               + f"; {w['runs']} run(s) each, MEDIANS shown")
+    if cells:
+        out.append("cells (sessions x size: messages): "
+                   + ", ".join(f"{c.sessions}x{human_size(c.size)}: {c.messages}" for c in cells)
+                   + f"; {w['runs']} run(s) each, interleaved, MEDIANS shown")
+    probe = w.get("probe_interval")
+    out.append(
+        "latency probe: " + (
+            f"one SMTP session at a time to the relay while smtp-source runs, a message of the "
+            f"cell's size every {probe * 1000:.0f} ms (+ its own duration); accept latency = "
+            "final '.' written -> 250 read" if probe else "off (--probe-interval 0)"))
     for key, info in meta.get("pythons", {}).items():
-        out.append(f"  {key}: {info}")
+        imp = meta.get("import_rss_mb", {}).get(key)
+        out.append(f"  {key}: {info}; import RSS {_fmt(imp, '.1f')} MB")
     return out
 
 
 def _columns(relay: bool, peer: bool) -> str:
-    head = (f"{'sess':>4} {'size':>6} {'impl':<14} {'ok':>4} {'accept/s':>8} {'e2e/s':>7}"
-            f" {'CPU s':>7} {'sys%':>4} {'CPU ms/msg':>10} {'RSS MB':>7} {'PSS MB':>7}")
+    head = (f"{'sess':>4} {'size':>6} {'impl':<14} {'ok':>4} {'e2e/s':>7} {'accept/s':>8}"
+            f" {'p50 ms':>7} {'p99 ms':>7} {'CPU s/1k':>8} {'RSS MB':>7} {'PSS MB':>7}")
+    if peer:
+        head += (f"  {'e2e vs PF':>9} {'accept vs PF':>12} {'p99 vs PF':>9} {'CPU vs PF':>9}"
+                 f" {'PSS vs PF':>9}")
+    return head
+
+
+def _detail_columns(relay: bool) -> str:
+    head = (f"{'sess':>4} {'size':>6} {'impl':<14} {'lat n':>5} {'sess p50':>8} {'sess p99':>8}"
+            f" {'CPU s':>6} {'sys%':>4} {'idle RSS':>8} {'proc RSS':>8} {'>import':>8}"
+            f" {'procs':>5}")
     if relay:
         head += f" {'msg/conn':>8}"
     head += f" {'client s':>8}"
     if relay:
         head += f" {'sink s':>6}"
     head += f" {'other s':>7}"
-    if peer:
-        head += f"  {'accept vs PF':>12} {'e2e vs PF':>9} {'CPU/msg vs PF':>13}"
     return head
 
 
 def table_rows(cell: Cell, medians: list[dict[str, Any]], peer: bool) -> list[str]:
-    relay = cell.workload == "relay"
     ratios = cell_ratios(medians)
     rows = []
     for m in medians:
         line = (f"{cell.sessions:>4} {human_size(cell.size):>6} {m['impl']:<14}"
-                f" {m['ok_runs']}/{m['runs']:<2} {_fmt(m['accept_rate'], '8.0f')}"
-                f" {_fmt(m['e2e_rate'], '7.0f')} {_fmt(m['cpu_s'], '7.1f')}"
-                f" {_fmt(m['sys_pct'], '4.0f')}"
-                f" {_fmt(m['cpu_ms_per_msg'], '10.2f')} {_fmt(m['peak_rss_mb'], '7.1f')}"
+                f" {m['ok_runs']}/{m['runs']:<2} {_fmt(m['e2e_rate'], '7.0f')}"
+                f" {_fmt(m['accept_rate'], '8.0f')}"
+                f" {_fmt(m['accept_p50_ms'], '7.1f')} {_fmt(m['accept_p99_ms'], '7.1f')}"
+                f" {_fmt(m['cpu_s_per_1k'], '8.2f')} {_fmt(m['peak_rss_mb'], '7.1f')}"
                 f" {_fmt(m['peak_pss_mb'], '7.1f')}")
+        if peer:
+            r = ratios.get(m["impl"])
+            if m["impl"] == "postfix":
+                line += f"  {'1.00':>9} {'1.00':>12} {'1.00':>9} {'1.00':>9} {'1.00':>9}"
+            elif r:
+                pss_flag = "!" if r["pss"] is not None and r["pss"] > 1 else " "
+                line += (f"  {_fmt(r['e2e'], '9.2f')} {_fmt(r['accept'], '12.2f')}"
+                         f" {_fmt(r['accept_p99'], '9.2f')} {_fmt(r['cpu_per_msg'], '9.2f')}"
+                         f" {_fmt(r['pss'], '8.2f')}{pss_flag}")
+        rows.append(line.rstrip())
+    return rows
+
+
+def detail_rows(meta: dict[str, Any], cell: Cell, medians: list[dict[str, Any]]) -> list[str]:
+    relay = cell.workload == "relay"
+    rows = []
+    for m in medians:
+        above = above_import(meta, m)
+        flag = "!" if above is not None and above > ABOVE_IMPORT_LIMIT_MB else " "
+        line = (f"{cell.sessions:>4} {human_size(cell.size):>6} {m['impl']:<14}"
+                f" {_fmt(m['latency_samples'], '5.0f')}"
+                f" {_fmt(m['session_p50_ms'], '8.1f')} {_fmt(m['session_p99_ms'], '8.1f')}"
+                f" {_fmt(m['cpu_s'], '6.1f')} {_fmt(m['sys_pct'], '4.0f')}"
+                f" {_fmt(m['idle_rss_mb'], '8.1f')} {_fmt(m['peak_proc_rss_mb'], '8.1f')}"
+                f" {_fmt(above, '7.1f')}{flag} {_fmt(m.get('peak_processes'), '5.0f')}")
         if relay:
             line += f" {_fmt(m['msgs_per_connection'], '8.1f')}"
         line += f" {_fmt(m['client_cpu_s'], '8.1f')}"
         if relay:
             line += f" {_fmt(m['sink_cpu_s'], '6.1f')}"
         line += f" {_fmt(m['other_cpu_s'], '7.1f')}"
-        if peer:
-            r = ratios.get(m["impl"])
-            if m["impl"] == "postfix":
-                line += f"  {'1.00':>12} {'1.00':>9} {'1.00':>13}"
-            elif r:
-                line += (f"  {_fmt(r['accept'], '12.2f')} {_fmt(r['e2e'], '9.2f')}"
-                         f" {_fmt(r['cpu_per_msg'], '13.2f')}")
         rows.append(line)
     return rows
 
 
 def table_footer(relay: bool) -> list[str]:
     out = [
-        "ratios are relayd / Postfix: >1 = relayd faster (accept, e2e); "
-        ">1 = relayd uses more CPU per message.",
-        "CPU = server process tree (Postfix: master + all its daemons, incl. exited ones), "
-        "not smtp-source" + (" or smtp-sink" if relay else "")
-        + ". RSS/PSS = peak of the sum over the tree.",
-        "sys% = share of the server's CPU spent in the kernel (syscalls, fsync, TCP).",
+        "e2e/s = (N + probe messages) / time until the "
+        + ("sink" if relay else "maildir") + " had them all; accept/s = messages answered 250 "
+        "while smtp-source ran / its wall time; p50/p99 ms = accept latency of the probe's "
+        "messages (final '.' -> 250), nearest rank, per run, median over runs.",
+        "CPU s/1k = CPU seconds of the server process tree per 1,000 messages (= ms per message; "
+        "Postfix: master + all its daemons, incl. exited ones; not smtp-source"
+        + (" or smtp-sink" if relay else "") + ").",
+        "RSS/PSS MB = peak of the sum over the server's processes (Postfix: compare PSS, its RSS "
+        "sum counts shared pages once per process).",
+        "ratios are relayd / Postfix: e2e, accept > 1 = relayd faster; p99, CPU, PSS > 1 = relayd "
+        "slower / costlier; '!' after PSS vs PF: relayd uses more than Postfix.",
     ]
-    if relay:
-        out.append("e2e = until smtp-sink has received all N; msg/conn = N / SMTP sessions the "
-                   "relay opened to smtp-sink (connection reuse).")
-    out.append("client s = CPU of smtp-source" + ("; sink s = CPU of smtp-sink" if relay else "")
-               + "; other s = CPU used by everything else on the machine in the same window "
-               "(background load: if it is more than a few s, the run was disturbed).")
     return out
 
 
+def detail_footer(relay: bool) -> list[str]:
+    return [
+        "lat n = latency samples per run; sess p50/p99 = the probe's whole session (connect -> "
+        "221 after QUIT), ms.",
+        "CPU s = server CPU in the run; sys% = its share in the kernel (fsync, TCP, ...).",
+        "idle RSS = sum over the server's processes after start-up, before any mail; proc RSS = "
+        "peak RSS of its largest process; >import = relayd: proc RSS - the interpreter's "
+        f"import RSS (header), '!' = over the {ABOVE_IMPORT_LIMIT_MB:.0f} MB limit; procs = "
+        "peak number of server processes.",
+        ("msg/conn = N / SMTP sessions the relay opened to smtp-sink (connection reuse); " if relay
+         else "")
+        + "client s = CPU of smtp-source" + ("; sink s = CPU of smtp-sink" if relay else "")
+        + "; other s = CPU used by everything else on the machine in the same window "
+        "(background load: if it is more than a few s, the run was disturbed).",
+    ]
+
+
 def render_table(meta: dict[str, Any], results: list[dict[str, Any]], cells: list[Cell],
-                 peer: bool) -> str:
+                 peer: bool, extra: list[str] | None = None) -> str:
     relay = meta["workload"]["workload"] == "relay"
     out = table_header(meta, cells)
-    out.append("")
-    head = _columns(relay, peer)
-    out.append(head)
-    out.append("-" * len(head))
-    for i, res in enumerate(results):
-        if i and relay:
-            out.append("")
-        out.extend(table_rows(res["cell_obj"], res["medians"], peer))
-    out.append("")
-    out.extend(table_footer(relay))
+    if results:
+        out.append("")
+        head = _columns(relay, peer)
+        out.append(head)
+        out.append("-" * len(head))
+        for i, res in enumerate(results):
+            if i and relay:
+                out.append("")
+            out.extend(table_rows(res["cell_obj"], res["medians"], peer))
+        out.append("")
+        out.extend(table_footer(relay))
+        out.append("")
+        out.append("details (medians of the same runs):")
+        head = _detail_columns(relay)
+        out.append(head)
+        out.append("-" * len(head))
+        for i, res in enumerate(results):
+            if i and relay:
+                out.append("")
+            out.extend(detail_rows(meta, res["cell_obj"], res["medians"]))
+        out.append("")
+        out.extend(detail_footer(relay))
+    for line in extra or []:
+        out.append(line)
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- --verify, --big
+
+
+def _random_line(rng: random.Random) -> bytes:
+    """One body line (without CRLF) of the kinds a relay could get wrong."""
+    kind = rng.random()
+    if kind < 0.55:
+        n = rng.choice((0, 1, rng.randint(2, 78), rng.randint(79, 200)))
+        return bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789-=+_/:;<>\"',!?")
+                     for _ in range(n))
+    if kind < 0.65:  # dot-stuffing: ".", "..", ".text", "..."
+        return rng.choice((b".", b"..", b"...", b". ", b".x", b"..x", b".\t."))
+    if kind < 0.75:  # 8-bit text (declared BODY=8BITMIME)
+        return "Grüße, naïve café — 日本語 ✓ ".encode() * rng.randint(1, 4)
+    if kind < 0.80:
+        return b"x" * 998  # RFC 5322's longest line
+    if kind < 0.88:  # trailing and lone white space
+        return rng.choice((b"trailing space ", b"trailing tab\t", b" ", b"\t", b"   \t "))
+    if kind < 0.93:
+        return rng.choice((b"From here on", b">From me", b"Received: not a header, a body line",
+                           b"-- ", b"--boundary--"))
+    return bytes(rng.randint(0x21, 0x7e) for _ in range(rng.randint(1, 76)))
+
+
+def random_body(rng: random.Random, size: int) -> bytes:
+    lines: list[bytes] = []
+    length = 0
+    while length < size:
+        line = _random_line(rng) + b"\r\n"
+        lines.append(line)
+        length += len(line)
+    return b"".join(lines)
+
+
+def verify_messages(sizes: list[int], per_size: int, seed: int = 8) -> list[tuple[str, bytes]]:
+    """The bench's own --verify messages: per size, smtp-source-like and random bodies; then
+    edge cases. (message-id, bytes) with CRLF line ends, not dot-stuffed."""
+    rng = random.Random(seed)
+    tag = f"{os.getpid()}.{int(time.time())}"
+    out: list[tuple[str, bytes]] = []
+
+    def add(body: bytes, subject: str = "verify", extra: bytes = b"",
+            headers_only: bool = False) -> None:
+        msgid = f"verify.{tag}.{len(out)}@bench.test"
+        msg = bench_message(msgid, body, subject, extra)
+        if headers_only:  # no empty line, no body: legal (RFC 5322 §3.5)
+            msg = msg[:-2]
+        out.append((msgid, msg))
+
+    for size in sizes:
+        for i in range(per_size):
+            add(smtp_source_body(size) if i % 2 else random_body(rng, size),
+                subject=f"verify {human_size(size)} #{i}")
+    add(b"", subject="empty body")
+    add(b"", subject="no body, no empty line", headers_only=True)
+    add(b".\r\n", subject="a lone dot")
+    add(b"..\r\n.\r\n...\r\n. \r\n.x\r\n", subject="dots")
+    add(b"text\r\n\r\n\r\n", subject="trailing empty lines")
+    add(b"\r\n\r\nleading empty lines\r\n", subject="leading empty lines")
+    add(b"x" * 998 + b"\r\n" + b"." + b"y" * 997 + b"\r\n", subject="998-octet lines")
+    add(b"body\r\n", subject="folded header",
+        extra=b"X-Folded: one\r\n" + b"".join(b"\t" + b"w" * 70 + b"\r\n" for _ in range(30)))
+    add("8-bit body: Grüße\r\n".encode(), subject="8-bit header: Grüße",
+        extra="X-Eight-Bit: naïve café\r\n".encode())
+    add(b"Received: from fake (looks like a header but is body)\r\n", subject="body trace")
+    add(random_body(rng, 1024 * 1024), subject="1 MB of random lines")
+    return out
+
+
+def send_messages(port: int, messages: list[tuple[str, bytes]], sessions: int,
+                  per_connection: int = 5) -> tuple[set[str], list[str]]:
+    """Send (msgid, bytes) to VERIFY_RECIPIENT over `sessions` parallel connections, up to
+    per_connection transactions each. Returns (accepted msgids, errors)."""
+    todo = list(reversed(messages))
+    lock = threading.Lock()
+    accepted: set[str] = set()
+    errors: list[str] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                batch = [todo.pop() for _ in range(min(per_connection, len(todo)))]
+            if not batch:
+                return
+            c: SmtpClient | None = None
+            try:
+                c = SmtpClient(port, 120)
+                c.hello()
+                for msgid, msg in batch:
+                    c.dot_sent = False
+                    c.transaction(SENDER, [VERIFY_RECIPIENT], (dot_stuff(msg),))
+                    with lock:
+                        accepted.add(msgid)
+                c.quit()
+            except (OSError, SmtpError) as e:
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                if c is not None:
+                    c.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return accepted, errors
+
+
+_MSGID_RE = re.compile(rb"^Message-Id:[ \t]*<([^>\r\n]+)>", re.I | re.M)
+
+
+def _wait_delivered(server: Any, sink: CaptureSink, total: int, timeout: float) -> str | None:
+    """Wait until the sink has `total` messages and the relay logged them sent and emptied
+    its queue; an error text on timeout."""
+    deadline = time.monotonic() + timeout
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        got = sink.received()
+        if got != last:
+            last, last_change = got, time.monotonic()
+        if got >= total and server.count_sent() >= total and server.queue_count() == 0:
+            return None
+        if not server.alive():
+            return "the relay died"
+        if time.monotonic() - last_change > timeout / 2 and got < total:
+            break
+        time.sleep(0.1)
+    return (f"sink has {sink.received()}/{total}, relay logged {server.count_sent()} "
+            f"status=sent, {server.queue_count()} still queued")
+
+
+def run_verify(make_server: Callable[[Cell, str, int], Any], label: str, sizes: list[int],
+               args: argparse.Namespace, workroot: str) -> dict[str, Any]:
+    """--verify for one relay: smtp-source's messages and the bench's own through the relay
+    to a CaptureSink; every one must arrive byte-identical apart from the Received: header(s)
+    the relay put on top."""
+    rundir = tempfile.mkdtemp(prefix=f"verify-{label.replace(' ', '-')}-", dir=workroot)
+    os.chmod(rundir, 0o755)
+    per_size = args.verify_messages
+    res: dict[str, Any] = {"impl": label, "ok": False, "errors": [], "mismatches": []}
+    sink = CaptureSink()
+    server: Any = None
+    try:
+        sink.start()
+        conc = 20 if args.concurrency == "match" else int(args.concurrency)
+        cell = Cell("relay", 4, max(sizes), 0, conc, backlog=args.backlog)
+        server = make_server(cell, rundir, sink.port)
+        server.start()
+        # 1. smtp-source's own messages (the load's content), per size.
+        src_sent = 0
+        for size in sizes:
+            cmd = [SMTP_SOURCE, "-s", "4", "-l", str(size), "-m", str(per_size), "-M",
+                   "client.bench.test", "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{server.port}"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                               stdin=subprocess.DEVNULL)
+            if r.returncode != 0:
+                res["errors"].append(f"smtp-source -l {size} exit {r.returncode}: "
+                                     f"{(r.stdout + r.stderr).strip()[-300:]}")
+            else:
+                src_sent += per_size
+        # 2. the bench's own, known content.
+        ours = verify_messages(sizes, per_size)
+        accepted, send_errors = send_messages(server.port, ours, sessions=4)
+        res["errors"].extend(f"sending: {e}" for e in send_errors[:5])
+        total = src_sent + len(accepted)
+        err = _wait_delivered(server, sink, total, max(60.0, args.stall_timeout))
+        if err:
+            res["errors"].append(err)
+        time.sleep(0.3)
+        with sink.lock:
+            received = list(sink.messages)
+        res["sink_errors"] = sink.errors[:5]
+
+        # Compare.
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        src_ok = 0
+        src_bad: list[str] = []
+        unknown = 0
+        trace_counts: dict[int, int] = {}
+        for m in received:
+            trace_counts[count_received(m["prefix"])] = (
+                trace_counts.get(count_received(m["prefix"]), 0) + 1)
+            data = m["data"] or b""
+            if any(VERIFY_RECIPIENT in r for r in m["rcpts"]):
+                head = data.split(b"\r\n\r\n", 1)[0]
+                found = _MSGID_RE.search(head)
+                if found:
+                    by_id.setdefault(found.group(1).decode(errors="replace"), []).append(m)
+                else:
+                    unknown += 1
+                    res["mismatches"].append(f"a message without our Message-Id: "
+                                             f"{data[:200]!r}")
+            else:  # smtp-source's
+                hm = SMTP_SOURCE_HEAD.match(data)
+                body = data[hm.end():] if hm else b""
+                if hm and any(body == smtp_source_body(s) for s in sizes) and \
+                        data.startswith(f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\n".encode()):
+                    src_ok += 1
+                else:
+                    want = smtp_source_body(max(sizes, key=lambda s: -abs(len(body) - s)))
+                    src_bad.append("smtp-source message: " + (
+                        first_difference(want, body) if hm else
+                        f"headers not as smtp-source writes them: {data[:200]!r}"))
+        missing = duplicated = differ = identical = 0
+        for msgid, msg in ours:
+            copies = by_id.get(msgid, [])
+            if msgid not in accepted:
+                continue
+            if not copies:
+                missing += 1
+                res["mismatches"].append(f"{msgid}: missing")
+                continue
+            if len(copies) > 1:
+                duplicated += 1
+                res["mismatches"].append(f"{msgid}: arrived {len(copies)} times")
+            got = copies[0]
+            if got["data"] == msg and count_received(got["prefix"]) >= 1:
+                identical += 1
+            else:
+                differ += 1
+                why = ("no Received: header added" if got["data"] == msg
+                       else first_difference(msg, got["data"] or b""))
+                subject = re.search(rb"^Subject: ([^\r\n]*)", msg, re.M)
+                res["mismatches"].append(
+                    f"{msgid} ({subject.group(1).decode(errors='replace') if subject else '?'}):"
+                    f" {why}")
+        res["mismatches"][:0] = src_bad
+        res.update({
+            "sent_ours": len(accepted), "sent_smtp_source": src_sent,
+            "received": len(received), "identical_ours": identical,
+            "identical_smtp_source": src_ok, "differ": differ + len(src_bad),
+            "missing": missing + max(0, src_sent - src_ok - len(src_bad)),
+            "duplicated": duplicated, "unknown": unknown,
+            "received_headers_added": {str(k): v for k, v in sorted(trace_counts.items())},
+        })
+        checked = len(accepted) + src_sent
+        res["checked"] = checked
+        res["identical"] = identical + src_ok
+        res["ok"] = (not res["errors"] and res["identical"] == checked
+                     and len(received) == checked and checked > 0)
+    except Exception as e:
+        res["errors"].append(f"{type(e).__name__}: {e}")
+    finally:
+        if server is not None:
+            server.stop()
+        sink.stop()
+        if not args.keep:
+            shutil.rmtree(rundir, ignore_errors=True)
+        else:
+            res["rundir"] = rundir
+    return res
+
+
+def verify_lines(results: list[dict[str, Any]]) -> list[str]:
+    out = ["", "--verify: every message through the relay to a capturing sink, compared byte "
+           "for byte with what was sent, apart from the Received: header(s) the relay adds on "
+           "top (smtp-source's messages: apart from the Date: and Message-Id: it generates)"]
+    for r in results:
+        if r.get("checked") is None:
+            out.append(f"  {r['impl']:<14} FAILED: {'; '.join(r['errors'])}")
+            continue
+        traces = ", ".join(f"{v} with {k}" for k, v in r["received_headers_added"].items())
+        status = "verified" if r["ok"] else "FAILED:"
+        out.append(
+            f"  {r['impl']:<14} {status} {r['identical']}/{r['checked']} byte-identical "
+            f"({r['identical_smtp_source']}/{r['sent_smtp_source']} smtp-source, "
+            f"{r['identical_ours']}/{r['sent_ours']} bench messages incl. edge cases); "
+            f"{r['received']} received; Received: headers added: {traces or '-'}"
+            + (f"; {r['differ']} differ, {r['missing']} missing, {r['duplicated']} duplicated"
+               if not r["ok"] else ""))
+        for e in r["errors"]:
+            out.append(f"      error: {e}")
+        for mm in r["mismatches"][:10]:
+            out.append(f"      {mm}")
+        if len(r["mismatches"]) > 10:
+            out.append(f"      ... and {len(r['mismatches']) - 10} more")
+    return out
+
+
+def big_message_stream(size: int, digest: Any) -> Iterable[bytes]:
+    """A message of about `size` bytes, generated in ~1 MB chunks and dot-stuffed as it goes
+    (every 500th line starts with "."); `digest` is fed the unstuffed bytes."""
+    head = bench_message(f"big.{os.getpid()}.{time.time():.0f}@bench.test", b"",
+                         subject=f"big message {human_size(size)}")
+    digest.update(head)
+    yield head
+    sent = len(head)
+    i = 0
+    pattern = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/" * 2
+    while sent < size:
+        lines, stuffed = [], []
+        n = 0
+        while n < 1 << 20 and sent + n < size:
+            line = (b"." if i % 500 == 0 else b"") + b"%08d " % i + pattern[i % 64:i % 64 + 66] \
+                + b"\r\n"
+            lines.append(line)
+            stuffed.append(b"." + line if line.startswith(b".") else line)
+            n += len(line)
+            i += 1
+        digest.update(b"".join(lines))
+        sent += n
+        yield b"".join(stuffed)
+
+
+def run_big(make_server: Callable[[Cell, str, int], Any], label: str, size: int,
+            args: argparse.Namespace, workroot: str) -> dict[str, Any]:
+    """--big for one relay: one message of `size` through the relay (relay workload) to a
+    CaptureSink, the relay's RSS (summed VmRSS of its processes) sampled every 20 ms from
+    before the message until it has been delivered and the relay is idle again."""
+    rundir = tempfile.mkdtemp(prefix=f"big-{label.replace(' ', '-')}-", dir=workroot)
+    os.chmod(rundir, 0o755)
+    res: dict[str, Any] = {"impl": label, "size": size, "ok": False, "errors": []}
+    sink = CaptureSink(keep_limit=0)
+    server: Any = None
+    sampler: RssSampler | None = None
+    try:
+        sink.start()
+        conc = 20 if args.concurrency == "match" else int(args.concurrency)
+        cell = Cell("relay", 1, size, 1, conc, backlog=args.backlog,
+                    max_message_size=2 * size + (1 << 20))
+        server = make_server(cell, rundir, sink.port)
+        server.start()
+        time.sleep(1.0)
+        wait_idle(server.root_pid)
+        sampler = RssSampler(server.root_pid, 0.02)
+        before, before_proc = sampler.current()
+        sampler.start()
+        digest = hashlib.sha256()
+        c = SmtpClient(server.port, timeout=600)
+        t0 = time.monotonic()
+        c.hello()
+        t_dot, t_250 = c.transaction(SENDER, [RECIPIENT], big_message_stream(size, digest))
+        c.quit()
+        err = _wait_delivered(server, sink, 1, 300)
+        t_arrived = sink.messages[0]["t"] if sink.messages else None
+        if err:
+            res["errors"].append(err)
+        wait_idle(server.root_pid)
+        time.sleep(0.2)
+        sampler.stop()
+        after, _ = sampler.current()
+        got = sink.messages[0] if sink.messages else None
+        t_end = t_arrived or time.monotonic()
+        res.update({
+            # Which phase holds the memory: receiving (until the 250), relaying (until the
+            # sink has it), or after (spool clean-up, idle).
+            "rss_peak_receiving_mb": round(sampler.peak_between(t0, t_250) / 1024, 1),
+            "rss_peak_relaying_mb": round(sampler.peak_between(t_250, t_end) / 1024, 1),
+            "rss_peak_after_mb": round(sampler.peak_between(t_end, time.monotonic()) / 1024, 1),
+            "rss_before_mb": round(before / 1024, 1),
+            "rss_peak_mb": round(sampler.peak_kb / 1024, 1),
+            "rss_growth_mb": round((sampler.peak_kb - before) / 1024, 1),
+            "rss_after_mb": round(after / 1024, 1),
+            "largest_process_before_mb": round(before_proc / 1024, 1),
+            "largest_process_peak_mb": round(sampler.peak_proc_kb / 1024, 1),
+            "peak_after_start_s": round(sampler.peak_at - t0, 2) if sampler.peak_at else None,
+            "samples": sampler.samples,
+            "accept_s": round(t_250 - t0, 2),
+            "end_of_data_to_250_ms": round(1000 * (t_250 - t_dot), 1),
+            "arrived_s": round(t_arrived - t0, 2) if t_arrived else None,
+            "identical": bool(got and got["sha256"] == digest.hexdigest()
+                              and count_received(got["prefix"]) >= 1),
+            "received_length": got["length"] if got else None,
+        })
+        if got and not res["identical"]:
+            res["errors"].append("the message did not arrive byte-identical (SHA-256 differs)")
+        res["pass"] = res["rss_growth_mb"] < BIG_GROWTH_LIMIT_MB
+        res["ok"] = not res["errors"]
+    except Exception as e:
+        res["errors"].append(f"{type(e).__name__}: {e}")
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if server is not None:
+            server.stop()
+        sink.stop()
+        if not args.keep:
+            shutil.rmtree(rundir, ignore_errors=True)
+        else:
+            res["rundir"] = rundir
+    return res
+
+
+def big_lines(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    size = human_size(results[0]["size"])
+    out = ["", f"--big: one {size} message through the relay (relay workload) to a capturing "
+           "sink; RSS = sum of VmRSS over the relay's processes, sampled every 20 ms; "
+           f"limit: growth < {BIG_GROWTH_LIMIT_MB:.0f} MB (relayd)"]
+    for r in results:
+        if r.get("rss_peak_mb") is None:
+            out.append(f"  {r['impl']:<14} FAILED: {'; '.join(r['errors'])}")
+            continue
+        verdict = ("PASS" if r["pass"] else "FAIL") if r["impl"].startswith("relayd") else \
+            "(for comparison: Postfix forks smtpd/cleanup/smtp for the message)"
+        out.append(
+            f"  {r['impl']:<14} RSS before {r['rss_before_mb']:.1f} MB, peak "
+            f"{r['rss_peak_mb']:.1f} MB, growth {r['rss_growth_mb']:.1f} MB {verdict}; "
+            f"peak while receiving {r['rss_peak_receiving_mb']:.1f} MB, while relaying "
+            f"{r['rss_peak_relaying_mb']:.1f} MB, after {r['rss_after_mb']:.1f} MB; "
+            f"largest process {r['largest_process_before_mb']:.1f} -> "
+            f"{r['largest_process_peak_mb']:.1f} MB; accepted in {r['accept_s']:.1f} s "
+            f"('.' -> 250: {r['end_of_data_to_250_ms']:.0f} ms), at the sink after "
+            f"{_fmt(r['arrived_s'], '.1f')} s, "
+            + ("byte-identical" if r["identical"] else "NOT identical")
+            + (f"; ERRORS: {'; '.join(r['errors'])}" if r["errors"] else ""))
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -1210,6 +2232,48 @@ def _probe_python(relayd_cmd: str) -> str:
         return r.stdout.strip() or r.stderr.strip()[-200:]
     except Exception as e:
         return f"? ({e})"
+
+
+IMPORT_CODE = (
+    "import relayd.cli, relayd.tap, twisted.scripts.twistd\n"
+    "from twisted.internet import reactor\n"
+    "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmRSS:')][0])"
+)
+IMPORT_CODE_SHOWN = ("python -c 'import relayd.cli, relayd.tap, twisted.scripts.twistd; "
+                     "from twisted.internet import reactor', VmRSS, median of 3")
+
+
+def import_rss_mb(relayd_cmd: str) -> float | None:
+    """The interpreter's import footprint for relayd: VmRSS after importing what `relayd run`
+    imports before it reads the config (median of 3 fresh interpreters)."""
+    py = os.path.join(os.path.dirname(relayd_cmd), "python")
+    values = []
+    for _ in range(3):
+        try:
+            r = subprocess.run([py, "-c", IMPORT_CODE], capture_output=True, text=True,
+                               timeout=120, env=_RELAYD_ENV)
+            values.append(int(r.stdout.strip()) / 1024)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            continue
+    return round(statistics.median(values), 1) if values else None
+
+
+def _nproc() -> str:
+    try:
+        return subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
 
 
 def _fs_type(path: str) -> str:
@@ -1295,10 +2359,28 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                         "virtual_destination_concurrency_limit); 'match' = the cell's sessions")
     p.add_argument("--backlog", type=int, default=None,
                    help="relayd's SMTP listen backlog (listen = \"tcp:0:...:backlog=N\"); default: "
-                        "relayd's own (Twisted's 50). Postfix's smtpd listens with a backlog "
+                        "relayd's own (1024). Postfix's smtpd listens with a backlog "
                         "of 100 (default_process_limit)")
     p.add_argument("--reuse-connections", action="store_true",
                    help="smtp-source -d: send all of a session's messages over one connection")
+    p.add_argument("--probe-interval", type=float, default=0.05,
+                   help="latency probe: seconds between the end of one probe session and the "
+                        "start of the next, while smtp-source runs; 0 = no probe (no p50/p99)")
+    p.add_argument("--verify", action="store_true",
+                   help="before the matrix, send smtp-source's and the bench's own messages "
+                        "(edge cases included) through every relay to a capturing sink and check "
+                        "each arrived byte-identical apart from the added Received: header; "
+                        "exit 1 on any difference")
+    p.add_argument("--verify-messages", type=int, default=20, metavar="K",
+                   help="--verify: per size, K messages from smtp-source and K of the bench's "
+                        "own (plus ~11 edge cases)")
+    p.add_argument("--big", nargs="?", type=parse_size, const=50 * 1024 * 1024, default=None,
+                   metavar="SIZE",
+                   help="after the matrix, relay one message of SIZE (default 50MB) through every "
+                        "relay and report the relay's RSS before, peak (sampled every 20 ms) and "
+                        f"growth; relayd PASSes below {BIG_GROWTH_LIMIT_MB:.0f} MB growth")
+    p.add_argument("--no-matrix", dest="matrix", action="store_false",
+                   help="skip the measured matrix (only --verify and/or --big)")
     p.add_argument("--json", metavar="FILE", help="also write all results as JSON to FILE "
                    "(rewritten after every cell, so a partial run leaves a partial file)")
     p.add_argument("--workdir", default=tempfile.gettempdir(),
@@ -1340,6 +2422,10 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         p.error(f"--messages: give one value or one per size ({len(args.sizes)})")
     if args.runs is None:
         args.runs = 1 if args.quick else 3
+    if not args.matrix and not (args.verify or args.big):
+        p.error("--no-matrix: give --verify and/or --big")
+    if args.verify_messages < 1:
+        p.error("--verify-messages: at least 1")
     if args.concurrency != "match":
         try:
             if int(args.concurrency) < 1:
@@ -1388,6 +2474,9 @@ def _log_run(label: str, r: dict[str, Any]) -> None:
     log(f"{label}: run {r['run']}: accept {_fmt(r.get('accept_rate'), '.0f')}/s, "
         f"e2e {_fmt(r.get('e2e_rate'), '.0f')}/s"
         + (f" (drained {_fmt(r.get('drained_s'), '.1f')} s)" if relay else "")
+        + f", accept latency p50 {_fmt(r.get('accept_p50_ms'), '.1f')} ms, p99 "
+        f"{_fmt(r.get('accept_p99_ms'), '.1f')} ms ({r.get('latency_samples', 0)} samples, "
+        f"{r.get('probe_messages', 0)} probe msgs)"
         + f", cpu {_fmt(r.get('cpu_s'), '.1f')} s "
         f"(user {_fmt(r.get('cpu_user_s'), '.1f')}, sys {_fmt(r.get('cpu_sys_s'), '.1f')}) "
         f"({_fmt(r.get('cpu_ms_per_msg'), '.2f')} ms/msg), "
@@ -1435,7 +2524,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             return 2
         impls.append((f"relayd {key}", functools.partial(_make_relayd, key, cmd)))
 
-    cells = make_cells(args)
+    cells = make_cells(args) if args.matrix else []
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
@@ -1443,10 +2532,14 @@ def main(argv: Iterable[str] | None = None) -> int:
         "relayd_commit": _git("rev-parse", "--short", "HEAD") or "?",
         "relayd_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "relayd")),
         "argv": sys.argv,
+        "nproc": _nproc(), "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": _cpu_model(),
         "workload": {"workload": args.workload, "sessions": args.sessions, "sizes": args.sizes,
                      "messages": args.messages, "runs": args.runs,
                      "reuse_connections": args.reuse_connections,
-                     "concurrency": args.concurrency, "relayd_backlog": args.backlog},
+                     "concurrency": args.concurrency, "relayd_backlog": args.backlog,
+                     "probe_interval": args.probe_interval, "matrix": args.matrix,
+                     "verify": args.verify, "big": args.big},
         "pythons": {key: _probe_python(PYTHONS[key]) for key in keys},
     }
     peer_note = None
@@ -1474,6 +2567,11 @@ def main(argv: Iterable[str] | None = None) -> int:
         f"run(s) = {len(cells) * len(impls) * args.runs} runs, {total_msgs} messages in all")
 
     results: list[dict[str, Any]] = []
+    verify_results: list[dict[str, Any]] = []
+    big_results: list[dict[str, Any]] = []
+    def extra_lines() -> list[str]:
+        return ((verify_lines(verify_results) if verify_results else [])
+                + big_lines(big_results) + (["", peer_note] if peer_note else []))
 
     def write_json(interrupted: bool = False) -> None:
         if not args.json:
@@ -1483,9 +2581,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                       "elapsed_s": r.get("elapsed_s")} for r in results]
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"meta": meta, "cells": cells_out,
-                       "table": render_table(meta, results, cells, has_peer)
-                       + ("\n" + peer_note if peer_note else ""),
+            json.dump({"meta": meta, "cells": cells_out, "verify": verify_results,
+                       "big": big_results,
+                       "table": render_table(meta, results, cells, has_peer, extra_lines()),
                        "complete": len(results) == len(cells) and not interrupted,
                        "interrupted": interrupted}, f, indent=2)
             f.write("\n")
@@ -1501,9 +2599,24 @@ def main(argv: Iterable[str] | None = None) -> int:
             raise
         log(f"relayd code: snapshot {meta['relayd_snapshot']['sha256']} of {REPO}/relayd "
             f"(commit {meta['relayd_commit']}{', uncommitted changes' if meta['relayd_dirty'] else ''})")
+    # The interpreters' import footprint (the baseline of the per-process memory limit).
+    meta["import_rss_mb"] = {key: import_rss_mb(PYTHONS[key]) for key in keys}
+    for key in keys:
+        log(f"relayd {key}: import RSS {_fmt(meta['import_rss_mb'][key], '.1f')} MB "
+            f"({IMPORT_CODE_SHOWN})")
     interrupted = False
     t_bench = time.monotonic()
     try:
+        if args.verify:
+            sizes = args.sizes  # the matrix's (also with --no-matrix)
+            for label, make in impls:
+                log(f"{label}: --verify ({args.verify_messages} smtp-source + "
+                    f"{args.verify_messages} own messages per size {sizes}, and edge cases)")
+                v = run_verify(make, label, sizes, args, workroot)
+                verify_results.append(v)
+                for line in verify_lines([v])[2:]:
+                    log(line)
+            write_json()
         for ci, cell in enumerate(cells, 1):
             t_cell = time.monotonic()
             res: dict[str, Any] = {"cell_obj": cell, "runs": {label: [] for label, _ in impls},
@@ -1527,8 +2640,18 @@ def main(argv: Iterable[str] | None = None) -> int:
                 print(f"--- cell {ci}/{len(cells)} ({res['elapsed_s']:.0f} s): medians of "
                       f"{args.runs} run(s)", flush=True)
                 print("\n".join([_columns(relay, has_peer),
-                                 *table_rows(cell, res["medians"], has_peer)]) + "\n",
+                                 *table_rows(cell, res["medians"], has_peer), "",
+                                 _detail_columns(relay),
+                                 *detail_rows(meta, cell, res["medians"])]) + "\n",
                       flush=True)
+            write_json()
+        if args.big:
+            for label, make in impls:
+                log(f"{label}: --big: one {human_size(args.big)} message")
+                b = run_big(make, label, args.big, args, workroot)
+                big_results.append(b)
+                for line in big_lines([b])[2:]:
+                    log(line)
             write_json()
     except KeyboardInterrupt as e:
         interrupted = True
@@ -1553,9 +2676,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     results = [r for r in results if r["medians"]]
     for r in results:
         r["medians"] = [summarise(lb, rs) for lb, rs in r["runs"].items() if rs]
-    table = render_table(meta, results, cells, has_peer)
-    if peer_note:
-        table += "\n" + peer_note
+    table = render_table(meta, results, cells, has_peer, extra_lines())
     print(table, flush=True)
     log(f"total time {time.monotonic() - t_bench:.0f} s")
     failed = [run for r in results for runs in r["runs"].values() for run in runs if not run["ok"]]
@@ -1568,7 +2689,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     write_json(interrupted)
     if interrupted:
         return 130
-    return 1 if failed else 0
+    bad_checks = [v for v in verify_results if not v["ok"]] + [b for b in big_results
+                                                              if not b["ok"]]
+    return 1 if failed or bad_checks else 0
 
 
 if __name__ == "__main__":
