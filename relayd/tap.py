@@ -411,6 +411,15 @@ class RelayService(MultiService):
 
         :return: whether the new config is in force.
         """
+        # systemd (Type=notify) shows "reloading" until READY=1 comes back,
+        # whether the reload went through or was refused.
+        self.notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            self.notifier.ready()
+
+    def _reload(self) -> bool:
         source = self.config.source
         log.info("SIGHUP: reloading {source}", source=source)
         try:
