@@ -34,6 +34,7 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
+from relayd.content import Content, as_content
 from relayd.envelope import Envelope, RecipientResult
 
 __all__ = [
@@ -52,6 +53,10 @@ FAILED, DELAYED = "failed", "delayed"
 
 RETURN_HEADERS, RETURN_FULL = "headers", "full"
 """How much of the original goes back (RFC 3461's RET=HDRS / RET=FULL)."""
+
+HEADER_READ_LIMIT = 256 * 1024
+"""How much of the original is read for its header section (cleanup's limit
+for finding one): a 50 MB message costs a bounce 256 KiB, not 50 MB."""
 
 _SUBJECTS = {
     FAILED: "Undelivered Mail Returned to Sender",
@@ -130,7 +135,7 @@ def build_dsn(
     queue_id: str,
     envelope: Envelope,
     failed: Sequence[RecipientResult],
-    content: bytes,
+    content: Content | bytes,
     reporting_mta: str,
     bounce_from: str,
     now: float,
@@ -146,7 +151,9 @@ def build_dsn(
     :param envelope: the original envelope: the DSN goes to its sender.
     :param failed: one result per recipient to report, in the order given.
     :param content: the original message as spooled (header section, blank
-        line, body); line endings are normalised to CRLF.
+        line, body); line endings are normalised to CRLF.  For ``"headers"``
+        only its first :data:`HEADER_READ_LIMIT` bytes are read; a header
+        section longer than that is returned up to its last complete line.
     :param reporting_mta: our host name (``[server] hostname``).
     :param bounce_from: the DSN's From: address (``[server] bounce_from``);
         empty means ``MAILER-DAEMON@<reporting_mta>``.
@@ -189,15 +196,15 @@ def build_dsn(
     default_class = "5" if reason == FAILED else "4"
     remote_name, remote_shown = _split_relay(remote_mta)
 
-    original = _normalise(content)
+    content = as_content(content)
     if return_content == RETURN_HEADERS:
-        returned = _header_section(original)
+        returned = _header_section(_normalise(_head(content)))
         returned_type = "message/global-headers" if utf8 else "text/rfc822-headers"
         returned_desc = (
             "Undelivered Message Headers" if reason == FAILED else "Delayed Message Headers"
         )
     else:
-        returned = original
+        returned = _normalise(content.read())
         returned_type = "message/global" if utf8 else "message/rfc822"
         returned_desc = "Undelivered Message" if reason == FAILED else "Delayed Message"
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
@@ -378,6 +385,14 @@ def _report(
         if reason == DELAYED and retry_until is not None:
             fields += _fold_field("Will-Retry-Until", _rfc5322_date(retry_until))
     return _CRLF.join(fields) + _CRLF
+
+
+def _head(content: Content) -> bytes:
+    """Enough of the original for its header section, ending with a complete line."""
+    head = content.head(HEADER_READ_LIMIT)
+    if len(head) < content.size:
+        head = head[: head.rfind(b"\n") + 1]
+    return head
 
 
 def _header_section(message: bytes) -> bytes:

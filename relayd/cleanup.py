@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relayd.content import IN_MEMORY_LIMIT, Content
 from relayd.envelope import Envelope, QueuedMessage
 from relayd.errors import QueueFull, SMTPReply
 from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
@@ -36,8 +37,10 @@ HEADER_LIMIT = 256 * 1024
 
 #: Messages up to this size are handed to the queue manager in memory as
 #: well as written to the spool, so the first delivery attempt need not
-#: read them back.
-KEEP_LIMIT = 256 * 1024
+#: read them back (a thread hop and a file read per message, which matters
+#: at 1-10 KB).  Bigger ones are read back from the spool in chunks: memory
+#: then grows with the number of sessions, not with message size.
+KEEP_LIMIT = IN_MEMORY_LIMIT
 
 _HEADER_SECTION = re.compile(
     rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*"
@@ -49,7 +52,7 @@ _COUNTED = re.compile(rb"^(received|message-id|date)[ \t]*:", re.I | re.M)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-OnQueued = Callable[[QueuedMessage, "bytes | None"], None]
+OnQueued = Callable[[QueuedMessage, "Content | None"], None]
 
 
 def split_long_lines(data: bytes, column: int, header: bool) -> tuple[bytes, int]:
@@ -175,15 +178,20 @@ class CleanupMessage:
         self._keep: list[bytes] | None = []
         self._hops = 0
         self._size = 0
+        #: What the spool writer said to the last write: None, or a Deferred
+        #: while it is behind (handed on to the SMTP server, which stops reading).
+        self._behind: Deferred[None] | None = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> Deferred[None] | None:
+        self._behind = None
         if self._head is not None:
             self._head += data
             if len(self._head) < HEADER_LIMIT and (b"\n" not in data or not self._header_complete()):
-                return
+                return None
             self._write_head(bytes(self._head))
-            return
+            return self._behind
         self._emit(data, header=False)
+        return self._behind
 
     def _header_complete(self) -> bool:
         """Has the header section visibly ended, so that it can be judged?
@@ -243,7 +251,7 @@ class CleanupMessage:
 
     def _emit(self, data: bytes, header: bool) -> None:
         data, self._column = split_long_lines(data, self._column, header)
-        self._writer.write(data)
+        self._behind = self._writer.write(data) or self._behind
         self._size += len(data)
         if self._keep is not None:
             self._keep.append(data)
@@ -271,7 +279,8 @@ class CleanupMessage:
                 nrcpt=len(e.recipients), listener=e.listener, client=e.client_address,
                 user=e.user,
             )
-            self._cleanup.on_queued(message, b"".join(keep) if keep is not None else None)
+            self._cleanup.on_queued(message,
+                                    Content.of(b"".join(keep)) if keep is not None else None)
             return message.queue_id
 
         return d.addCallback(queued)

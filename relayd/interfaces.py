@@ -14,6 +14,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from relayd.content import Content
     from relayd.envelope import DeliveryResult, Envelope, QueuedMessage
 
 
@@ -35,8 +36,14 @@ class IMessageReceiver(Interface):
     normalised to CRLF, then calls ``finish`` or ``abort`` exactly once.
     """
 
-    def write(data: bytes) -> None:
-        """Take the next piece of message content."""
+    def write(data: bytes) -> Deferred[None] | None:
+        """Take the next piece of message content.
+
+        :return: None, or a Deferred when the spool is behind (the disk has
+            not caught up with what was written): the server stops reading
+            the client until it fires, so a big message from a fast client
+            never piles up in memory.
+        """
 
     def finish() -> Deferred[str]:
         """Make the message durable.
@@ -80,8 +87,10 @@ class ISpool(Interface):
         :return: Deferred firing with a list of ``QueuedMessage``.
         """
 
-    def load(queue_id: str) -> Deferred[bytes]:
-        """Deferred firing with the message content (bytes, CRLF lines)."""
+    def load(queue_id: str) -> Deferred[Content]:
+        """Deferred firing with the message content (CRLF lines) as a
+        ``relayd.content.Content``: bytes when small, else a region of the
+        queue file, so that loading a 50 MB message reads none of it yet."""
 
     def defer(message: QueuedMessage) -> Deferred[None]:
         """Persist a ``QueuedMessage``'s new retry state; Deferred."""
@@ -93,8 +102,9 @@ class ISpool(Interface):
 class ISpoolWriter(Interface):
     """A message being written into the spool."""
 
-    def write(data: bytes) -> None:
-        """Append content."""
+    def write(data: bytes) -> Deferred[None] | None:
+        """Append content; a Deferred instead of None says the writer is
+        behind (content not yet on disk): write no more until it fires."""
 
     queue_id = Attribute("The message's queue id, fixed when writing starts.")
 
@@ -108,9 +118,15 @@ class ISpoolWriter(Interface):
 class ICourier(Interface):
     """Delivers a message somewhere (Postfix: the smtp or local delivery agent)."""
 
-    def deliver(queue_id: str, envelope: Envelope, content: bytes) -> Deferred[DeliveryResult]:
+    def deliver(
+        queue_id: str, envelope: Envelope, content: Content | bytes
+    ) -> Deferred[DeliveryResult]:
         """Try to deliver.
 
+        :param content: a ``relayd.content.Content``: read it in chunks (or
+            its header section only), never whole unless ``in_memory``, so a
+            big message costs no more memory than a small one.  Plain bytes
+            are accepted too (tests, callers that have them anyway).
         :return: Deferred firing with a ``DeliveryResult``, or failing with
             ``TransientDeliveryError`` (keep it queued) or
             ``PermanentDeliveryError`` (bounce it).

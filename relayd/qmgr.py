@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayd.bounce import build_dsn
+from relayd.content import Content, as_content
 from relayd.envelope import (
     BOUNCED,
     DEFERRED,
@@ -49,9 +50,12 @@ from relayd.metrics import Metrics
 log = Logger(namespace="relayd.qmgr")
 maillog = Logger(namespace="relayd.mail")
 
-#: Ready messages whose content is kept in memory; past this the content is
-#: dropped and read back from the spool when its turn comes.
-MAX_CONTENT_IN_MEMORY = 1000
+#: Bytes of content kept in memory for ready messages (cleanup hands over
+#: messages up to ``relayd.content.IN_MEMORY_LIMIT``); past this the content
+#: is dropped and read back from the spool when its turn comes.  A budget in
+#: bytes, not a count, so a burst of big messages cannot pin its size times
+#: the queue length.
+CONTENT_MEMORY_BUDGET = 8 * 1024 * 1024
 #: Deferrals the status page lists.
 RECENT_DEFERRALS = 20
 #: Said of bounced recipients whose notification could not be queued: they
@@ -145,7 +149,7 @@ class QueueManager(Service):
         self._jitter = jitter
         self._rng = rng
         self._messages: dict[QueueId, QueuedMessage] = {}
-        self._ready: dict[str, deque[tuple[QueuedMessage, bytes | None]]] = {}
+        self._ready: dict[str, deque[tuple[QueuedMessage, Content | None]]] = {}
         self._in_memory = 0
         self._queued_ids: set[QueueId] = set()
         self._active: dict[str, int] = {}
@@ -227,10 +231,11 @@ class QueueManager(Service):
 
     # -- intake ----------------------------------------------------------------
 
-    def queued(self, message: QueuedMessage, content: bytes | None) -> None:
-        """A new message is durable in the spool: deliver it."""
+    def queued(self, message: QueuedMessage, content: Content | bytes | None) -> None:
+        """A new message is durable in the spool: deliver it (``content``:
+        what cleanup kept of it, or None to read it back when its turn comes)."""
         self._messages[message.queue_id] = message
-        self._make_ready(message, content)
+        self._make_ready(message, None if content is None else as_content(content))
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -261,16 +266,16 @@ class QueueManager(Service):
         if message is not None and not message.held:
             self._make_ready(message, None)
 
-    def _make_ready(self, message: QueuedMessage, content: bytes | None) -> None:
+    def _make_ready(self, message: QueuedMessage, content: Content | None) -> None:
         if message.queue_id in self._queued_ids:
             return
         self._queued_ids.add(message.queue_id)
         route = message.envelope.route
-        if content is not None:
-            if self._in_memory >= MAX_CONTENT_IN_MEMORY:
+        if content is not None and content.in_memory:
+            if self._in_memory + content.size > CONTENT_MEMORY_BUDGET:
                 content = None
             else:
-                self._in_memory += 1
+                self._in_memory += content.size
         self._ready.setdefault(route, deque()).append((message, content))
         self._pump(route)
 
@@ -280,8 +285,8 @@ class QueueManager(Service):
         while ready and not self._stopping and self._active.get(route, 0) < limit:
             queued, content = ready.popleft()
             self._queued_ids.discard(queued.queue_id)
-            if content is not None:
-                self._in_memory -= 1
+            if content is not None and content.in_memory:
+                self._in_memory -= content.size
             message = self._messages.get(queued.queue_id)
             if message is None or message.held or message.queue_id in self._in_flight:
                 continue
@@ -307,11 +312,11 @@ class QueueManager(Service):
 
     # -- one attempt ----------------------------------------------------------
 
-    def _attempt(self, message: QueuedMessage, content: bytes | None) -> Deferred[None]:
+    def _attempt(self, message: QueuedMessage, content: Content | None) -> Deferred[None]:
         route = message.envelope.route
         courier = self._couriers.get(route)
         started = self._clock.seconds()
-        holder: dict[str, bytes] = {}
+        holder: dict[str, Content] = {}
         if courier is None:
             d: Deferred[Any] = Deferred()
             d.errback(DeliveryError(f"no route named {route!r} in the configuration"))
@@ -319,7 +324,7 @@ class QueueManager(Service):
             loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
             envelope = evolve(message.envelope, recipients=pending(message))
 
-            def deliver(data: bytes) -> Deferred[DeliveryResult]:
+            def deliver(data: Content) -> Deferred[DeliveryResult]:
                 holder["content"] = data
                 return courier.deliver(message.queue_id, envelope, data)  # type: ignore[no-any-return]
 
@@ -331,7 +336,7 @@ class QueueManager(Service):
         return d
 
     def _delivered(self, result: DeliveryResult, message: QueuedMessage, started: float,
-                   holder: dict[str, bytes]) -> Deferred[None]:
+                   holder: dict[str, Content]) -> Deferred[None]:
         route = message.envelope.route
         now = self._clock.seconds()
         self._metrics.delivery_seconds.labels(route).observe(now - started)
@@ -392,7 +397,7 @@ class QueueManager(Service):
         return d.addCallbacks(lambda _: True, failed)
 
     def _failed(self, failure: Failure, message: QueuedMessage, started: float,
-                holder: dict[str, bytes]) -> Deferred[None]:
+                holder: dict[str, Content]) -> Deferred[None]:
         route = message.envelope.route
         now = self._clock.seconds()
         if failure.check(DeliveryError):
@@ -498,7 +503,7 @@ class QueueManager(Service):
     # -- bounces -------------------------------------------------------------------
 
     def _bounce(self, message: QueuedMessage, failed: Sequence[RecipientResult],
-                content: bytes | None, remote: str | None = None) -> Deferred[None]:
+                content: Content | None, remote: str | None = None) -> Deferred[None]:
         """Queue a DSN for ``failed`` recipients to the envelope sender.
 
         Fires once the DSN is durable (or at once when there is nothing to
@@ -516,7 +521,7 @@ class QueueManager(Service):
         loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
         now = self._clock.seconds()
 
-        def build(data: bytes) -> Deferred[None]:
+        def build(data: Content) -> Deferred[None]:
             dsn = build_dsn(
                 queue_id=message.queue_id, envelope=message.envelope, failed=list(failed),
                 content=data, reporting_mta=self._hostname, bounce_from=self._bounce_from,

@@ -27,6 +27,7 @@ from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from relayd.config import ListenerConfig, parse
+from relayd.content import Content, as_content
 from relayd.envelope import DeliveryResult, Envelope, QueuedMessage, QueueId, new_queue_id
 from relayd.errors import QueueFull
 from relayd.interfaces import (
@@ -101,10 +102,11 @@ class RecordingReceiver:
     def content(self) -> bytes:
         return b"".join(self.chunks)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> Deferred[None] | None:
         assert self.state == "open", f"write() after {self.state}"
         assert isinstance(data, bytes), f"write() of {type(data).__name__}"
         self.chunks.append(data)
+        return self.sink.behind
 
     def finish(self) -> Deferred[str]:
         assert self.state == "open", f"finish() after {self.state}"
@@ -156,6 +158,8 @@ class RecordingSink:
       receiver's ``succeed``/``fail``), which is how a test sees what the
       protocol does while a commit is in flight.
     - ``fail_with``: ``finish()`` fails at once with this exception.
+    - ``behind``: a Deferred that ``write()`` returns, as the spool does while
+      its disk thread is behind (the server must stop reading until it fires).
 
     ``messages`` holds only messages whose ``finish()`` succeeded, in commit
     order; ``receivers`` every receiver ever opened; ``aborted`` the ones
@@ -166,6 +170,7 @@ class RecordingSink:
         self.full = False
         self.hold = False
         self.fail_with: BaseException | None = None
+        self.behind: Deferred[None] | None = None
         self.messages: list[RecordedMessage] = []
         self.receivers: list[RecordingReceiver] = []
         self.pending: list[RecordingReceiver] = []
@@ -524,13 +529,14 @@ class MemorySpool:
             return fail(FileNotFoundError(errno.ENOENT, "no such queued message", queue_id))
         return succeed(self.messages[queue_id])
 
-    def load(self, queue_id: QueueId) -> Deferred[bytes]:
+    def load(self, queue_id: QueueId) -> Deferred[Content]:
+        """Always ``Content`` in memory: there is no file to point into."""
         self.loads.append(queue_id)
         if self.fail_load is not None:
             return fail(self.fail_load)
         if queue_id not in self.contents:
             return fail(FileNotFoundError(errno.ENOENT, "no such queued message", queue_id))
-        return succeed(self.contents[queue_id])
+        return succeed(Content.of(self.contents[queue_id]))
 
     def defer(self, message: QueuedMessage) -> Deferred[None]:
         """Keep only the retry state, as the real spool's state file does
@@ -569,13 +575,16 @@ class DeliveryAttempt:
     """One call of :meth:`RecordingCourier.deliver`.
 
     ``deferred`` is set for attempts the courier holds (pending until the
-    test fires it); ``finished`` tells whether it has fired.
+    test fires it); ``finished`` tells whether it has fired.  ``content`` is
+    the message as bytes; ``source`` the ``Content`` it was read from (to
+    tell a message kept in memory from a spool file region).
     """
 
     queue_id: QueueId
     envelope: Envelope
     content: bytes
     deferred: Deferred[DeliveryResult] | None = None
+    source: Content | None = None
 
     @property
     def finished(self) -> bool:
@@ -600,6 +609,7 @@ class RecordingCourier:
         a ``DeliveryResult``; an exception instance (the Deferred fails with
         it); :data:`HOLD` (the Deferred stays pending, see ``release`` and
         ``fail_pending``).  Or a callable ``(queue_id, envelope, content)``
+        (content as bytes)
         called for every attempt, returning any of those or a Deferred; an
         exception it *raises* propagates from ``deliver`` as raised, which
         breaks ``ICourier``'s contract on purpose so a test can check that
@@ -624,12 +634,15 @@ class RecordingCourier:
         """Held attempts that have not fired yet, oldest first."""
         return [a for a in self.attempts if not a.finished]
 
-    def deliver(self, queue_id: QueueId, envelope: Envelope, content: bytes) -> Deferred[DeliveryResult]:
-        assert isinstance(content, bytes), f"deliver() of {type(content).__name__}"
-        attempt = DeliveryAttempt(queue_id, envelope, content)
+    def deliver(self, queue_id: QueueId, envelope: Envelope,
+                content: Content | bytes) -> Deferred[DeliveryResult]:
+        assert isinstance(content, (bytes, Content)), f"deliver() of {type(content).__name__}"
+        source = as_content(content)
+        data = source.read()
+        attempt = DeliveryAttempt(queue_id, envelope, data, source=source)
         self.attempts.append(attempt)
         if callable(self.outcomes):
-            outcome = self.outcomes(queue_id, envelope, content)
+            outcome = self.outcomes(queue_id, envelope, data)
         elif self.outcomes:
             outcome = self.outcomes.pop(0)
         else:

@@ -85,7 +85,7 @@ class Harness:
         return message.finish()
 
     def stored(self, queue_id: str) -> bytes:
-        return result(self.spool.load(queue_id))
+        return result(self.spool.load(queue_id)).read()
 
     def roundtrip(self, content: bytes, **kw: Any) -> tuple[str, bytes]:
         """Queue a message; its id and the content as spooled."""
@@ -105,7 +105,8 @@ def make(spool: Any = None, clock: Clock | None = None, **kw: Any) -> Harness:
     queued: list[tuple[QueuedMessage, bytes | None]] = []
     size = [0]
     cleanup = Cleanup(
-        spool, HOST, clock, lambda m, c: queued.append((m, c)), lambda: size[0], **kw
+        spool, HOST, clock, lambda m, c: queued.append((m, None if c is None else c.read())),
+        lambda: size[0], **kw
     )
     return Harness(cleanup, spool, clock, queued, size)
 

@@ -213,8 +213,9 @@ def test_content_in_memory_is_used_without_load() -> None:
 
 
 def test_content_beyond_memory_budget_is_read_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past MAX_CONTENT_IN_MEMORY waiting messages, content is dropped and loaded later."""
-    monkeypatch.setattr(qmgr_module, "MAX_CONTENT_IN_MEMORY", 2)
+    """Past CONTENT_MEMORY_BUDGET bytes of waiting content, content is dropped and
+    loaded later (each message here is 4 bytes: two fit in 8 while one is tried)."""
+    monkeypatch.setattr(qmgr_module, "CONTENT_MEMORY_BUDGET", 8)
     h = make(concurrency=1, courier=RecordingCourier(hold=True))
     messages = [h.queue(b"m%d\r\n" % i) for i in range(4)]
     for _ in range(4):

@@ -361,6 +361,8 @@ def test_restart_recovers_queue_and_removes_partial_files(relay_factory) -> None
     partial.write_bytes(b'{"v":1}\npartial')
     relay.outbox.unlink()
     relay.start()
+    # Recovery runs on the disk thread after the listeners are up.
+    wait_for(lambda: "recovered 1 queued messages" in relay.new_log(), what="spool recovery")
     assert not partial.exists()
     # The deferral's back-off (1h) survives the restart: nothing is tried yet.
     assert relay.queued() == [first_id]

@@ -128,8 +128,10 @@ class ServerConn:
                 if self.data == b"" and self.buf.startswith(b".\r\n"):
                     end = -2
                 if end == -1:
-                    self.data += self.buf
-                    self.buf = b""
+                    # Keep what may be the start of a terminator split across writes.
+                    if len(self.buf) > 4:
+                        self.data += self.buf[:-4]
+                        self.buf = self.buf[-4:]
                     return
                 self.data += self.buf[: end + 2]
                 self.buf = self.buf[end + 5 :]

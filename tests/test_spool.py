@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from relayd import diskio
+from relayd.content import IN_MEMORY_LIMIT
 from relayd.diskio import DiskWriter, InlineDiskWriter
 from relayd.envelope import Envelope, QueuedMessage, is_queue_id, new_queue_id
 from relayd.queue import spool as spool_module
@@ -64,7 +65,7 @@ def test_commit_writes_one_file_with_envelope_and_content(tmp_path: Path) -> Non
     assert json.loads(head)["envelope"]["recipients"] == ["b@example.net", "ç@exemple.fr"]
     assert msg.envelope.size == len(content)
     assert os.listdir(spool.path("tmp")) == []
-    assert result(spool.load(msg.queue_id)) == content
+    assert result(spool.load(msg.queue_id)).read() == content
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
@@ -96,8 +97,23 @@ def test_large_message_spills_to_tmp_then_commits(tmp_path: Path) -> None:
     assert os.listdir(spool.path("tmp")) == [w.queue_id]
     assert os.listdir(spool.path("messages")) == []
     msg = result(w.commit())
-    assert result(spool.load(msg.queue_id)) == chunk * 20
+    assert result(spool.load(msg.queue_id)).read() == chunk * 20
     assert os.listdir(spool.path("tmp")) == []
+
+
+def test_load_keeps_big_content_in_its_file(tmp_path: Path) -> None:
+    """Up to IN_MEMORY_LIMIT load() reads the content; past it, it names the region of
+    the queue file after the envelope line and reads nothing of it."""
+    spool = make_spool(tmp_path)
+    small = result(spool.load(commit(spool, b"s" * IN_MEMORY_LIMIT).queue_id))
+    assert small.in_memory and small.read() == b"s" * IN_MEMORY_LIMIT
+    big = commit(spool, b"b" * (IN_MEMORY_LIMIT + 1))
+    loaded = result(spool.load(big.queue_id))
+    path = spool.path("messages", big.queue_id)
+    envelope_line = Path(path).read_bytes().index(b"\n") + 1
+    assert not loaded.in_memory
+    assert (loaded.path, loaded.offset, loaded.size) == (path, envelope_line, IN_MEMORY_LIMIT + 1)
+    assert loaded.read() == b"b" * (IN_MEMORY_LIMIT + 1)
 
 
 def test_abort_leaves_nothing(tmp_path: Path) -> None:
@@ -120,7 +136,7 @@ def test_queue_id_collision_fails_instead_of_overwriting(tmp_path: Path, monkeyp
     w.write(b"second\r\n")
     with pytest.raises(OSError):
         result(w.commit())
-    assert result(spool.load(first.queue_id)) == b"first\r\n"
+    assert result(spool.load(first.queue_id)).read() == b"first\r\n"
     assert os.listdir(spool.path("tmp")) == []
 
 

@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from relayd import testing
+from relayd.content import IN_MEMORY_LIMIT
 from relayd.diskio import InlineDiskWriter
 from relayd.envelope import Envelope, QueuedMessage, is_queue_id
 from relayd.interfaces import ISpool, ISpoolWriter
@@ -114,13 +115,27 @@ class TestSpoolContract:
         """load() gives back every byte, CRLFs, NULs and 8-bit included."""
         content = b"Subject: \xc3\xa7a\r\n\r\n" + bytes(range(256)) + b"\r\n.\r\n\r\n"
         message = commit(spool, content, chunk=3)
-        assert result(spool.load(message.queue_id)) == content
+        assert result(spool.load(message.queue_id)).read() == content
+
+    def test_load_of_a_big_message(self, spool: Any) -> None:
+        """Past IN_MEMORY_LIMIT, load() still gives the exact size, header section,
+        chunks and bytes (the real spool leaves the content in its file)."""
+        content = b"Subject: big\r\n\r\n" + bytes(range(256)) * 1000 + b"\r\n"
+        assert len(content) > IN_MEMORY_LIMIT
+        message = commit(spool, content, chunk=65536)
+        loaded = result(spool.load(message.queue_id))
+        assert loaded.size == len(content) == message.envelope.size
+        assert loaded.head(16) == b"Subject: big\r\n\r\n"
+        chunks = list(loaded.chunks(1000))
+        assert max(map(len, chunks)) == 1000 and b"".join(chunks) == content
+        assert not loaded.isascii()
+        assert loaded.read() == content
 
     def test_empty_message(self, spool: Any) -> None:
         """An empty message commits with size 0 and loads as b''."""
         message = commit(spool, b"")
         assert message.envelope.size == 0
-        assert result(spool.load(message.queue_id)) == b""
+        assert result(spool.load(message.queue_id)).read() == b""
 
     def test_recover_orders_oldest_first(self, spool: Any) -> None:
         """recover() lists messages by arrival, whatever the commit order."""
@@ -172,7 +187,7 @@ class TestSpoolContract:
         assert [m.queue_id for m in result(spool.recover())] == [kept.queue_id]
         assert isinstance(failure_of(spool.load(gone.queue_id)), OSError)
         assert isinstance(failure_of(spool.read(gone.queue_id)), OSError)
-        assert result(spool.load(kept.queue_id)) == b"kept\r\n"
+        assert result(spool.load(kept.queue_id)).read() == b"kept\r\n"
 
     def test_remove_unknown_fails(self, spool: Any) -> None:
         """Removing a message that is not there is an error (OSError), not silence."""
@@ -213,5 +228,5 @@ class TestSpoolContract:
         writer = spool.open_message(envelope())
         writer.write(b"second\r\n")
         assert isinstance(failure_of(writer.commit()), OSError)
-        assert result(spool.load(first.queue_id)) == b"first\r\n"
+        assert result(spool.load(first.queue_id)).read() == b"first\r\n"
         assert [m.queue_id for m in result(spool.recover())] == [first.queue_id]

@@ -5,6 +5,10 @@ delivering the same message twice (a crash between delivery and dequeue)
 overwrites one file instead of making a second copy.  Files are written
 tmp/ -> fsync -> new/ -> fsync(new/) like any maildir writer that cares
 (qmail's maildir spec; Dovecot), with LF line ends as maildir readers expect.
+
+A big message is copied from its spool file a chunk at a time, converting
+CRLF to LF on the way (which is why this is no ``os.sendfile``/
+``copy_file_range``): the disk thread's memory stays one chunk.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relayd.content import Content, as_content
 from relayd.diskio import Batch, write_all
 from relayd.envelope import DeliveryResult, Envelope
 from relayd.errors import TransientDeliveryError
 from relayd.interfaces import ICourier
 
 log = Logger(namespace="relayd.courier")
+
+#: Bytes read from the spool file per write into the maildir.
+COPY_CHUNK = 64 * 1024
 
 
 def _safe_hostname(hostname: str) -> str:
@@ -56,13 +64,17 @@ class MaildirCourier:
     def file_name(self, queue_id: str, envelope: Envelope) -> str:
         return f"{int(envelope.arrival)}.R{queue_id}.{self._host}"
 
-    def deliver(self, queue_id: str, envelope: Envelope, content: bytes) -> Deferred[DeliveryResult]:
+    def deliver(self, queue_id: str, envelope: Envelope,
+                content: Content | bytes) -> Deferred[DeliveryResult]:
         name = self.file_name(queue_id, envelope)
         trace = [f"Return-Path: <{envelope.sender}>\r\n".encode()]
         trace += [f"X-Original-To: <{r}>\r\n".encode() for r in envelope.recipients]
-        data = b"".join(trace).replace(b"\r\n", b"\n") + content.replace(b"\r\n", b"\n")
+        head = [b"".join(trace).replace(b"\r\n", b"\n")]
+        message = as_content(content)
+        if message.data is not None:
+            head.append(message.data.replace(b"\r\n", b"\n"))
         older = envelope.arrival < self._started
-        d = self._disk.submit(lambda batch: self._write(batch, name, data, older))
+        d = self._disk.submit(lambda batch: self._write(batch, name, head, message, older))
 
         def failed(failure: Any) -> None:
             failure.trap(OSError)
@@ -72,7 +84,8 @@ class MaildirCourier:
 
         return d.addErrback(failed)
 
-    def _write(self, batch: Batch, name: str, data: bytes, older: bool) -> DeliveryResult:
+    def _write(self, batch: Batch, name: str, head: list[bytes], content: Content,
+               older: bool) -> DeliveryResult:
         base = self.directory
         new = os.path.join(base, "new", name)
         if not self._ready:
@@ -87,7 +100,9 @@ class MaildirCourier:
         tmp = os.path.join(base, "tmp", name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            write_all(fd, [data])
+            write_all(fd, head)
+            if content.data is None:
+                _copy_lf(fd, content)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -104,3 +119,22 @@ class MaildirCourier:
         prefix = name + ":"
         with os.scandir(os.path.join(self.directory, "cur")) as entries:
             return any(e.name == name or e.name.startswith(prefix) for e in entries)
+
+
+def _copy_lf(fd: int, content: Content) -> None:
+    """Append a spool file region to ``fd`` with CRLF as LF, a chunk at a time.
+
+    A CR that ends a chunk is held back until the next one shows whether an
+    LF follows, so a CRLF split between two reads still becomes one LF.
+    """
+    carry = b""
+    for chunk in content.chunks(COPY_CHUNK):
+        if carry:
+            chunk = carry + chunk
+        if chunk.endswith(b"\r"):
+            chunk, carry = chunk[:-1], b"\r"
+        else:
+            carry = b""
+        write_all(fd, [chunk.replace(b"\r\n", b"\n")])
+    if carry:
+        write_all(fd, [carry])

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relayd.content import IN_MEMORY_LIMIT, Content
 from relayd.diskio import Batch, InlineDiskWriter, fsync_dir, write_all
 from relayd.envelope import Envelope, Event, QueuedMessage, QueueId, is_queue_id, new_queue_id
 from relayd.interfaces import ISpool, ISpoolWriter
@@ -39,6 +40,11 @@ FORMAT_VERSION = 1
 #: Content held in memory before it goes to the tmp file.  Most relay mail is
 #: far smaller, and for it the whole file is written by one writev at commit.
 SPILL_THRESHOLD = 1024 * 1024
+#: Content handed to the disk thread but not written yet, past which
+#: ``SpoolWriter.write`` asks its caller to stop (the SMTP server stops
+#: reading the client): a client faster than the disk, or a disk stalled by
+#: dirty-page throttling, must not park a whole big message in memory.
+MAX_BACKLOG = 4 * SPILL_THRESHOLD
 #: An envelope line longer than this is not ours (100 recipients of 2 KB
 #: each still fit).
 MAX_ENVELOPE_LINE = 4 * 1024 * 1024
@@ -85,22 +91,33 @@ class SpoolWriter:
         self._spilled = False
         self._error: BaseException | None = None
         self._done = False
+        #: Bytes submitted to the disk thread and not written yet.
+        self._backlog = 0
+        self._drained: Deferred[None] | None = None
 
     @property
     def _tmp(self) -> str:
         return self._spool.path("tmp", self.queue_id)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> Deferred[None] | None:
+        """Append ``data``; a Deferred instead of None says the disk thread
+        is behind: feed no more until it fires."""
         self._chunks.append(data)
         self._held += len(data)
         self._size += len(data)
         if self._held >= SPILL_THRESHOLD:
             self._spill()
+        if self._backlog > MAX_BACKLOG:
+            if self._drained is None:
+                self._drained = Deferred()
+            return self._drained
+        return None
 
     def _spill(self) -> None:
         """Hand what is held to the disk thread; jobs run in order, so the
         commit that follows sees every byte."""
-        chunks, self._chunks, self._held = self._chunks, [], 0
+        chunks, size = self._chunks, self._held
+        self._chunks, self._held = [], 0
         first = not self._spilled
         self._spilled = True
         tmp = self._tmp
@@ -118,7 +135,14 @@ class SpoolWriter:
             except BaseException as e:
                 self._error = e
 
-        self._spool.disk.submit(append)
+        self._backlog += size
+        self._spool.disk.submit(append).addBoth(self._written, size)
+
+    def _written(self, _: object, size: int) -> None:
+        self._backlog -= size
+        if self._drained is not None and self._backlog <= MAX_BACKLOG // 2:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
     def commit(self) -> Deferred[QueuedMessage]:
         """Make the message durable; fires with its ``QueuedMessage``."""
@@ -290,13 +314,19 @@ class Spool:
         """The envelope and state of one message (for the queue commands)."""
         return self.disk.submit(lambda batch: self._read(queue_id))
 
-    def load(self, queue_id: QueueId) -> Deferred[bytes]:
-        """The content of a queued message."""
+    def load(self, queue_id: QueueId) -> Deferred[Content]:
+        """The content of a queued message: read here when small (no
+        blocking read left for the reactor thread), else the region of the
+        queue file after the envelope line, which couriers read in chunks."""
+        path = self.path("messages", queue_id)
 
-        def load(batch: Batch) -> bytes:
-            with open(self.path("messages", queue_id), "rb") as f:
-                _, offset = read_envelope(f, 0)
-                return f.read()
+        def load(batch: Batch) -> Content:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                _, offset = read_envelope(f, size)
+                if size - offset <= IN_MEMORY_LIMIT:
+                    return Content.of(f.read())
+            return Content.region(path, offset, size - offset)
 
         return self.disk.submit(load)
 

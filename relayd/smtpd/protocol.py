@@ -299,6 +299,9 @@ class SMTPServerProtocol(Protocol):
         # and too much pipelined input is already buffered.
         self._replies_blocked = False
         self._reading_paused = False
+        # ... and while the spool has not caught up with the message's content
+        # (a client faster than the disk must not park the message in memory).
+        self._spool_behind = False
         self._errors = 0
         self._junk = 0
         self._idle: IDelayedCall | None = None
@@ -487,7 +490,8 @@ class SMTPServerProtocol(Protocol):
         pass
 
     def _update_reading(self) -> None:
-        pause = self._replies_blocked or (self._waiting and len(self._buf) > PIPELINE_BUFFER_LIMIT)
+        pause = (self._replies_blocked or self._spool_behind
+                 or (self._waiting and len(self._buf) > PIPELINE_BUFFER_LIMIT))
         if pause != self._reading_paused and self.connected and self._mode != CLOSING:
             self._reading_paused = pause
             if pause:
@@ -1142,7 +1146,11 @@ class SMTPServerProtocol(Protocol):
                 self._refuse_data(SMTPReply(552, "5.3.4", "Error: message file too big"))
             else:
                 assert self._receiver is not None
-                self._receiver.write(content)
+                behind = self._receiver.write(content)
+                if behind is not None and not self._spool_behind:
+                    self._spool_behind = True
+                    self._update_reading()
+                    behind.addBoth(self._spool_caught_up)
         if (
             self._reader.bare_newline
             and self._data_error is None
@@ -1157,6 +1165,10 @@ class SMTPServerProtocol(Protocol):
             if rest:
                 self._buf[:0] = rest
             self._end_of_data()
+
+    def _spool_caught_up(self, _: object) -> None:
+        self._spool_behind = False
+        self._update_reading()
 
     def _refuse_data(self, reply: SMTPReply) -> None:
         self._data_error = reply
