@@ -102,6 +102,13 @@ def _auth_backends(config: Config, reactor: Any) -> dict[str, IAuthBackend]:
     return {name: make_auth_backend(config, name, reactor) for name in sorted(names)}
 
 
+def _backend_of(listener: ListenerConfig,
+                backends: dict[str, IAuthBackend]) -> IAuthBackend | None:
+    if listener.auth == "none" or listener.auth_backend is None:
+        return None
+    return backends[listener.auth_backend]
+
+
 def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: Any) -> ICourier:
     if route.maildir is not None:
         return MaildirCourier(route.maildir, disk, hostname)
@@ -303,7 +310,9 @@ class RelayService(MultiService):
             if tls is not None:
                 self.server_tls[listener.name] = tls
                 self._tls_loaded(tls)
-            service = self._new_listener(config, listener, tls)
+            service = self._new_listener(config, listener, tls, self.auth_backends)
+            assert service.smtp is not None
+            self.factories[listener.name] = service.smtp
             service.setServiceParent(self)
             self.listeners.append(service)
         self.control = ListenerService(
@@ -321,8 +330,8 @@ class RelayService(MultiService):
             s.address or "-" for s in self.listeners))
         self.notifier.setServiceParent(self)
 
-    def _new_listener(self, config: Config, listener: ListenerConfig,
-                      tls: ServerTLS | None) -> ListenerService:
+    def _new_listener(self, config: Config, listener: ListenerConfig, tls: ServerTLS | None,
+                      backends: dict[str, IAuthBackend]) -> ListenerService:
         # One failure tracker per listener, shared by its sessions: a
         # client cannot reset its count by reconnecting.
         limiter = AuthFailureTracker(self.reactor, listener.limits.auth_failures,
@@ -330,17 +339,11 @@ class RelayService(MultiService):
         factory = SMTPServerFactory(
             listener, self.hostname, self.cleanup, self.reactor, self.metrics,
             tls=tls if listener.tls == "starttls" else None,
-            auth_backend=self._backend_of(listener), auth_limiter=limiter,
+            auth_backend=_backend_of(listener, backends), auth_limiter=limiter,
         )
-        self.factories[listener.name] = factory
         return ListenerService(f"listener {listener.name}", listener.listen.description,
                                self._listening(listener, tls, factory), self.reactor,
                                smtp=factory, grace=config.server.stop_timeout)
-
-    def _backend_of(self, listener: ListenerConfig) -> IAuthBackend | None:
-        if listener.auth == "none" or listener.auth_backend is None:
-            return None
-        return self.auth_backends[listener.auth_backend]
 
     def _listening(self, listener: ListenerConfig, tls: ServerTLS | None,
                    factory: SMTPServerFactory) -> Any:
@@ -605,7 +608,7 @@ class _ReloadPlan:
             if listener.name in self.kept:
                 continue
             # Bind now: a port that cannot be had refuses the reload.
-            svc = self._build(listener)
+            svc = relay._new_listener(new, listener, self.tls.get(listener.name), self.backends)
             try:
                 svc.privilegedStartService()
             except Exception as e:
@@ -614,15 +617,6 @@ class _ReloadPlan:
                                   "(moving a listener onto a port in use, its own included, "
                                   "needs a restart)") from None
             self.added[listener.name] = svc
-
-    def _build(self, listener: ListenerConfig) -> ListenerService:
-        relay = self.relay
-        saved = relay.auth_backends, dict(relay.factories)
-        relay.auth_backends = self.backends
-        try:
-            return relay._new_listener(self.new, listener, self.tls.get(listener.name))
-        finally:
-            relay.auth_backends, relay.factories = saved
 
     def _discard(self) -> None:
         for svc in self.added.values():
@@ -678,7 +672,7 @@ class _ReloadPlan:
                 if factory.listener != listener or factory.tls is not starttls:
                     changed.append(listener.name)
                 factory.reconfigure(listener, tls=starttls,
-                                    auth_backend=relay._backend_of(listener))
+                                    auth_backend=_backend_of(listener, relay.auth_backends))
                 service.switch(relay._listening(listener, cert, factory))
             else:
                 service = self.added[listener.name]
