@@ -127,6 +127,13 @@ class Metrics:
             "TLSv1.3, other): finds the clients that still need tls_min_version below 1.2",
             ["listener", "version"], registry=r,
         )
+        self.smarthost_tls_handshakes = Counter(
+            "relayd_smarthost_tls_handshakes",
+            "outbound TLS handshakes with smarthosts by route and result (success, "
+            "verification_failed: the certificate or its name was refused, failure: any "
+            "other handshake error)",
+            ["route", "result"], registry=r,
+        )
         self.message_size = Histogram(
             "relayd_message_size_bytes",
             "size of each accepted message as the client sent it in DATA (after "

@@ -109,10 +109,11 @@ def _backend_of(listener: ListenerConfig,
     return backends[listener.auth_backend]
 
 
-def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: Any) -> ICourier:
+def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: Any,
+                 metrics: Metrics | None = None) -> ICourier:
     if route.maildir is not None:
         return MaildirCourier(route.maildir, disk, hostname)
-    return SmarthostCourier(route, hostname, reactor)
+    return SmarthostCourier(route, hostname, reactor, metrics=metrics)
 
 
 def check_files(config: Config) -> None:
@@ -280,7 +281,7 @@ class RelayService(MultiService):
         self.disk = DiskWriter(reactor)
         self.spool = Spool(config.server.spool, reactor, self.disk)
         self.metrics.watch_spool(config.server.spool)
-        couriers = {name: make_courier(route, self.disk, self.hostname, reactor)
+        couriers = {name: make_courier(route, self.disk, self.hostname, reactor, self.metrics)
                     for name, route in config.routes.items()}
         self.couriers = couriers
         self.qmgr = QueueManager(
@@ -597,7 +598,7 @@ class _ReloadPlan:
                 self.couriers[name] = relay.couriers[name]
             else:
                 self.couriers[name] = make_courier(route, relay.disk, relay.hostname,
-                                                   relay.reactor)
+                                                   relay.reactor, relay.metrics)
                 self.new_routes.append(name)
         running = {svc.name: svc for svc in relay.listeners}
         for listener in new.listeners:

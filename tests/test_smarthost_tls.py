@@ -221,6 +221,7 @@ def test_verified_starttls_with_ca_file_and_auth(pki, serve):
     assert verbs[:5] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL"]
     assert server.messages == [MESSAGE.replace(b"\r\n.dot", b"\r\n..dot")]
     assert not any("secret" in line for line in report["log"])
+    assert report["tls"] == {"success": 1.0}
 
 
 def test_ip_address_smarthost_is_verified_as_an_ip(pki, serve):
@@ -235,6 +236,7 @@ def test_wrong_host_name_is_transient_and_nothing_is_sent(pki, serve):
     assert report["status"] == "transient", report
     assert "certificate verification failed for 127.0.0.1[127.0.0.1]" in report["error"]
     assert [c for c, _ in server.commands] == ["EHLO client.test", "STARTTLS"]
+    assert report["tls"] == {"verification_failed": 1.0}
 
 
 def test_unknown_ca_is_transient(pki, serve):
@@ -243,6 +245,7 @@ def test_unknown_ca_is_transient(pki, serve):
     assert report["status"] == "transient", report
     assert "TLS handshake with 127.0.0.1[127.0.0.1] failed" in report["error"]
     assert [c for c, _ in server.commands] == ["EHLO client.test", "STARTTLS"]
+    assert report["tls"] == {"verification_failed": 1.0}
 
 
 def test_system_trust_does_not_know_the_test_ca(pki, serve):
@@ -331,7 +334,10 @@ def _driver(spec: dict[str, Any]) -> None:
         route = RouteConfig(
             name="tlstest", smarthost=(Smarthost(spec["host"], spec["port"]),), **spec["route"]
         )
-        courier = SmarthostCourier(route, "client.test", reactor)
+        from relayd.metrics import Metrics
+
+        metrics = Metrics()
+        courier = SmarthostCourier(route, "client.test", reactor, metrics=metrics)
         envelope = Envelope(
             sender="a@example.org", recipients=("b@example.net",), route="tlstest", arrival=0.0
         )
@@ -355,6 +361,12 @@ def _driver(spec: dict[str, Any]) -> None:
 
         def show(_: object) -> None:
             report["log"] = log
+            report["tls"] = {
+                s.labels["result"]: s.value
+                for family in metrics.registry.collect()
+                if family.name == "relayd_smarthost_tls_handshakes"
+                for s in family.samples if s.name.endswith("_total")
+            }
             print(json.dumps(report))
 
         d = courier.deliver("QTLS", envelope, MESSAGE)

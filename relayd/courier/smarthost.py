@@ -67,6 +67,7 @@ from relayd.envelope import (
 )
 from relayd.errors import ConfigError, DeliveryError, TransientDeliveryError
 from relayd.interfaces import ICourier
+from relayd.metrics import Metrics
 
 log = Logger(namespace="relayd.courier")
 
@@ -368,6 +369,9 @@ class SMTPClientProtocol(Protocol):
         self._tls_started = False
         self._tls_waiting = False
         self.tls_active = False
+        #: Told the outcome of a TLS handshake once: "success",
+        #: "verification_failed" or "failure" (the route's metric).
+        self.on_tls_result: Callable[[str], None] | None = None
         self.peer_ip = "?"
         self.extensions: dict[str, str] = {}
         self.error: str | None = None
@@ -419,8 +423,12 @@ class SMTPClientProtocol(Protocol):
                 why = reason.getErrorMessage() if reason is not None else "connection lost"
                 if reason is not None and reason.check(*tls_verification_error()):
                     self.error = f"server certificate verification failed for {self.name}: {why}"
+                    self._tls_result("verification_failed")
                 else:
                     self.error = f"TLS handshake with {self.name} failed: {why}"
+                    # An unknown CA ends in OpenSSL's own check, not ours.
+                    self._tls_result("verification_failed" if "certificate verify failed" in why
+                                     else "failure")
             else:
                 self.error = f"lost connection with {self.name} while {self._phase}"
         self._errback(self.error)
@@ -541,6 +549,11 @@ class SMTPClientProtocol(Protocol):
         self._replies = []
         self._arm(DATA_END_TIMEOUT)
 
+    def _tls_result(self, result: str) -> None:
+        report, self.on_tls_result = self.on_tls_result, None
+        if report is not None:
+            report(result)
+
     def handshakeCompleted(self) -> None:
         if self.lost or self.closing or self._tls_layer_closing():
             # Twisted 22.4 reports a completed handshake even when the
@@ -548,6 +561,7 @@ class SMTPClientProtocol(Protocol):
             # connectionLost follows with the VerificationError.
             return
         self.tls_active = True
+        self._tls_result("success")
         if self._tls_waiting:
             # STARTTLS: RFC 3207 §4.2, forget everything learned in the clear.
             self._tls_waiting = False
@@ -754,6 +768,7 @@ class SmarthostCourier:
         clock: IReactorTime | None = None,
         *,
         endpoint_factory: Callable[[Smarthost], IStreamClientEndpoint] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not route.smarthost:
             raise ValueError(f"route {route.name} has no smarthost")
@@ -763,6 +778,7 @@ class SmarthostCourier:
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._endpoint_factory = endpoint_factory or self._endpoint
+        self._metrics = metrics
         self._tls = tls.ClientTLS(route) if route.tls != "none" else None
         if self._tls is not None:
             # Build every context now: a bad file or key fails start-up.
@@ -933,14 +949,21 @@ class SmarthostCourier:
                 self._wake()
         raise TransientDeliveryError("; ".join(errors))
 
+    def _protocol(self, smarthost: Smarthost, implicit: Any) -> SMTPClientProtocol:
+        proto = SMTPClientProtocol(self._clock, smarthost, implicit)
+        metrics = self._metrics
+        if metrics is not None:
+            counter = metrics.smarthost_tls_handshakes
+            route = self.route.name
+            proto.on_tls_result = lambda result: counter.labels(route, result).inc()
+        return proto
+
     async def _open(self, smarthost: Smarthost) -> SMTPClientProtocol:
         implicit = None
         if self.route.tls == "implicit":
             assert self._tls is not None
             implicit = self._tls.creator(smarthost.host)
-        factory = _ProtocolFactory(
-            lambda: SMTPClientProtocol(self._clock, smarthost, implicit)
-        )
+        factory = _ProtocolFactory(lambda: self._protocol(smarthost, implicit))
         where = (
             f"[{smarthost.host}]:{smarthost.port}"
             if ":" in smarthost.host
