@@ -116,6 +116,14 @@ def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: A
     return SmarthostCourier(route, hostname, reactor, metrics=metrics)
 
 
+def stop_courier(courier: ICourier) -> Any:
+    """Close a smarthost courier's cached connections (its deliveries in
+    flight finish first); a maildir courier holds nothing open."""
+    if isinstance(courier, SmarthostCourier):
+        return courier.stop()
+    return None
+
+
 def check_files(config: Config) -> None:
     """Read what the config points at (TLS certificates, CA files) now, so a
     missing or broken file is a config error before anything listens."""
@@ -218,11 +226,9 @@ class ListenerService(Service):
         self.grace = grace
         self.port: Any = None
 
-    def switch(self, factory: Any, smtp: SMTPServerFactory | None = None) -> None:
+    def switch(self, factory: Any) -> None:
         """New connections go to ``factory`` from now on."""
         self._factory.target = factory
-        if smtp is not None:
-            self.smtp = smtp
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -465,8 +471,7 @@ class RelayService(MultiService):
             self._previous_sighup = None
         d = super().stopService()
         for courier in self.couriers.values():
-            if isinstance(courier, SmarthostCourier):
-                d.addBoth(lambda _, c=courier: c.stop())
+            d.addBoth(lambda _, c=courier: stop_courier(c))
         for backend in self.auth_backends.values():
             d.addBoth(lambda _, b=backend: b.stop())
         d.addBoth(lambda _: self.disk.stop())
@@ -575,11 +580,9 @@ class _ReloadPlan:
 
     def _prepare(self) -> None:
         relay, new, old = self.relay, self.new, self.relay.config
-        old_listeners = {x.name: x for x in old.listeners}
         for listener in new.listeners:
-            before = old_listeners.get(listener.name)
             current = relay.server_tls.get(listener.name)
-            if (current is not None and before is not None and listener.tls != "none"
+            if (current is not None and listener.tls != "none"
                     and server_tls_files(new, listener)[:2] == (current.cert_path,
                                                                 current.key_path)
                     and listener.tls_min_version == current.min_version):
@@ -622,10 +625,8 @@ class _ReloadPlan:
     def _discard(self) -> None:
         for svc in self.added.values():
             svc.stopService()
-        for courier in self.couriers.values():
-            if courier not in self.relay.couriers.values() and isinstance(
-                    courier, SmarthostCourier):
-                courier.stop()
+        for name in self.new_routes:
+            stop_courier(self.couriers[name])
 
     def commit(self) -> None:
         relay, new, old = self.relay, self.new, self.relay.config
@@ -688,8 +689,7 @@ class _ReloadPlan:
         for backend in retired_backends:
             backend.stop()
         for courier in retired_couriers:
-            if isinstance(courier, SmarthostCourier):
-                courier.stop()
+            stop_courier(courier)
         log.info("reload done: {count} listeners ({added} added, {removed} removed, {changed} "
                  "changed), {routes} routes ({new_routes} new or changed)",
                  count=len(listeners), added=", ".join(self.added) or "none",

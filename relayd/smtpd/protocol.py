@@ -433,11 +433,10 @@ class SMTPServerProtocol(Protocol):
     def shutdown(self) -> None:
         """The relay is stopping: close now unless a transaction is under
         way, which may finish first (see ``SMTPServerFactory.shutdown``)."""
-        if self._mode == CLOSING or self._awaiting_handshake:
-            if self._awaiting_handshake:
-                self._t.abortConnection()
-            return
-        self._close_if_idle()
+        if self._awaiting_handshake:
+            self._t.abortConnection()
+        else:
+            self._close_if_idle()
 
     def _close_if_idle(self) -> None:
         """While stopping, a session with no transaction and no reply owed
