@@ -35,6 +35,8 @@ def _run(config_option: str | None, log_format: str | None = None) -> int:
     argv = ["--nodaemon", "--pidfile="]
     if (log_format or config.server.log_format) == "json":
         argv.append("--logger=relayd.logs.json_observer")
+    else:
+        argv.append("--logger=relayd.logs.text_observer")
     argv.append("relayd")
     if config_option:
         argv += ["--config", config_option]

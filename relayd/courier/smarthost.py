@@ -68,6 +68,7 @@ from relayd.envelope import (
 from relayd.errors import ConfigError, DeliveryError, TransientDeliveryError
 from relayd.interfaces import ICourier
 from relayd.metrics import Metrics
+from relayd.netio import write_now
 
 log = Logger(namespace="relayd.courier")
 
@@ -492,7 +493,7 @@ class SMTPClientProtocol(Protocol):
         self._timeouts = deque(timeouts)
         self._replies = []
         if data:
-            self.transport.write(data)
+            write_now(self.transport, data)
         self._arm(self._timeouts[0])
         return d
 
@@ -527,7 +528,7 @@ class SMTPClientProtocol(Protocol):
         d: Deferred[list[Reply]] = Deferred()
         self._body_d = d
         if pieces is None:
-            self.transport.writeSequence(whole)
+            write_now(self.transport, b"".join(whole))
             self._body_written()
         else:
             self._progress()
@@ -1100,13 +1101,6 @@ class SmarthostCourier:
             raise TransientDeliveryError(f"internal error: {_why(e)}") from e
         finally:
             self._release(conn, reusable)
-        log.debug(
-            "{queue_id}: relay={relay} conn_use={uses} {summary}",
-            queue_id=queue_id,
-            relay=result.relay,
-            uses=conn.uses,
-            summary=" ".join(f"{r.recipient}={r.status}" for r in result.recipients),
-        )
         return result
 
     async def _transactions(
@@ -1274,7 +1268,8 @@ class SmarthostCourier:
         ordered = tuple(results[i] for i in range(len(recipients)))
         if reply is None:
             reply = ordered[0].reply if ordered else "250 2.0.0 Ok"
-        return DeliveryResult(relay=conn.relay, reply=reply, recipients=ordered)
+        return DeliveryResult(relay=conn.relay, reply=reply, recipients=ordered,
+                              conn_use=conn.uses)
 
 
 def _why(e: BaseException) -> str:

@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from attrs import evolve
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -145,7 +145,13 @@ class SpoolWriter:
             drained.callback(None)
 
     def commit(self) -> Deferred[QueuedMessage]:
-        """Make the message durable; fires with its ``QueuedMessage``."""
+        """Make the message durable; fires with its ``QueuedMessage``.
+
+        The disk thread does the writing (creating a file waits for the
+        journal while another fsync commits it: measured at ~10% of the
+        reactor's time when done here), with as few system calls as it can:
+        each one is a wait for the GIL on the way back.
+        """
         self._done = True
         chunks, self._chunks = self._chunks, []
         spilled = self._spilled
@@ -153,6 +159,13 @@ class SpoolWriter:
         final = self._spool.path("messages", self.queue_id)
         messages_dir = self._spool.path("messages")
         message = QueuedMessage(self.queue_id, evolve(self._envelope, size=self._size))
+        # Queue ids never repeat within a process and the spool is locked to
+        # one daemon, so a name taken now can only be an earlier run's file:
+        # checked once here (a lookup, no journal), it cannot appear before
+        # the rename.
+        if os.path.lexists(final):
+            self._spool.discard_tmp(self.queue_id)
+            return fail(OSError(errno.EEXIST, "queue id already in use", final))
 
         def commit(batch: Batch) -> QueuedMessage:
             if self._error is not None:
@@ -164,11 +177,8 @@ class SpoolWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if os.path.lexists(final):
-                os.unlink(tmp)
-                raise OSError(errno.EEXIST, "queue id already in use", final)
             os.rename(tmp, final)
-            batch.sync_dir(messages_dir)
+            batch.sync_dir(messages_dir, keep_open=True)
             return message
 
         d = self._spool.disk.submit(commit)
@@ -196,6 +206,11 @@ class Spool:
         self.directory = directory
         self._clock = clock
         self.disk = disk if disk is not None else InlineDiskWriter()
+        #: Queue ids that may have a state file: most messages are delivered
+        #: at the first attempt and never get one, and ``remove`` then saves
+        #: the disk thread a system call.  A state file missed here is an
+        #: orphan that ``recover`` removes at the next start.
+        self._stateful: set[QueueId] = set()
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.directory, *parts)
@@ -299,6 +314,7 @@ class Spool:
                 state = json.load(f)
         except FileNotFoundError:
             return message
+        self._stateful.add(queue_id)
         return evolve(
             message,
             attempts=int(state.get("attempts", 0)),
@@ -348,6 +364,8 @@ class Spool:
         tmp = self.path("tmp", message.queue_id + ".state")
         state_dir = self.path("state")
 
+        self._stateful.add(message.queue_id)
+
         def write_state(batch: Batch) -> None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -356,7 +374,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, final)
-            batch.sync_dir(state_dir)
+            batch.sync_dir(state_dir, keep_open=True)
 
         return self.disk.submit(write_state)
 
@@ -368,14 +386,16 @@ class Spool:
         queue id) or at worst a duplicate, never a loss.
         """
         message = self.path("messages", queue_id)
-        state = self.path("state", queue_id + ".json")
+        state = self.path("state", queue_id + ".json") if queue_id in self._stateful else None
+        self._stateful.discard(queue_id)
 
         def unlink(batch: Batch) -> None:
             os.unlink(message)
-            try:
-                os.unlink(state)
-            except FileNotFoundError:
-                pass
+            if state is not None:
+                try:
+                    os.unlink(state)
+                except FileNotFoundError:
+                    pass
 
         return self.disk.submit(unlink)
 

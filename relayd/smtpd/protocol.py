@@ -45,6 +45,7 @@ from relayd.config import ListenerConfig
 from relayd.errors import SMTPReply
 from relayd.interfaces import IAuthBackend, IMessageReceiver, ISession, ISubmissionSink
 from relayd.metrics import Metrics
+from relayd.netio import write_now
 from relayd.smtpd.address import AddressSyntaxError, parse_params, parse_path
 from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.datareader import DataReader
@@ -707,7 +708,7 @@ class SMTPServerProtocol(Protocol):
             lines.append("AUTH PLAIN LOGIN")
         lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
         out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
-        self._t.write(("\r\n".join(out) + "\r\n").encode("ascii"))
+        write_now(self._t, ("\r\n".join(out) + "\r\n").encode("ascii"))
 
     def _greet(self, arg: bytes, esmtp: bool) -> None:
         assert self._session is not None
@@ -1223,7 +1224,7 @@ class SMTPServerProtocol(Protocol):
         if self._mode == CLOSING:
             return
         line = f"{code} {enhanced} {text}\r\n" if enhanced else f"{code} {text}\r\n"
-        self._t.write(line.encode("utf-8"))
+        write_now(self._t, line.encode("utf-8"))
 
     def _error_reply(self, code: int, enhanced: str, text: str) -> None:
         """A 4xx/5xx: counted, and too many of them end the session
