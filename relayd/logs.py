@@ -2,8 +2,9 @@
 
 ``text`` is twistd's own line format, with the timestamp formatted once a
 second instead of once a line (working out the local UTC offset and
-strftime cost ~4% of the reactor thread at a few hundred messages/s).  ``json`` writes one JSON object per
-line for log pipelines: the formatted text (the Postfix-style mail log line)
+strftime cost ~4% of the reactor thread at a few hundred messages/s).
+``json`` writes one JSON object per line for log pipelines: the formatted
+text (the Postfix-style mail log line)
 plus every structured field the event carried (``queue_id``, ``rcpt``,
 ``relay``, ``status``...), so nothing has to be parsed back out of text.
 """

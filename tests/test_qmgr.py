@@ -200,6 +200,22 @@ def test_delay_and_reply_in_log() -> None:
     assert h.qm.route_status()["default"]["last_success"] == NOW + 1.5
 
 
+def test_conn_use_is_logged_for_a_reused_connection_only() -> None:
+    """Postfix's conn_use=N: the N-th transaction on a cached connection."""
+    h = make(courier=RecordingCourier(hold=True))
+    first, second = h.queue(), h.queue()
+    with LogCapture() as log:
+        h.courier.release(result=DeliveryResult("mx.test[192.0.2.1]:25", conn_use=1))
+        h.courier.release(result=DeliveryResult("mx.test[192.0.2.1]:25", conn_use=3))
+    sent = [line for line in log.lines if "status=sent" in line]
+    assert sent == [
+        f"{first.queue_id}: to=<r@example.net> route=default relay=mx.test[192.0.2.1]:25 "
+        "delay=0.00 status=sent (250 2.0.0 Ok)",
+        f"{second.queue_id}: to=<r@example.net> route=default relay=mx.test[192.0.2.1]:25 "
+        "conn_use=3 delay=0.00 status=sent (250 2.0.0 Ok)",
+    ]
+
+
 def test_content_in_memory_is_used_without_load() -> None:
     """Content handed over by cleanup goes straight to the courier; None is read back."""
     h = make()

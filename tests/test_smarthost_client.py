@@ -1113,6 +1113,7 @@ def test_connection_reuse_with_rset_and_idle_close_with_quit():
     r2 = s.run(envelope("c@example.net"))
     assert r1.recipients[0].status == r2.recipients[0].status == SENT
     assert s.server.connections == 1
+    assert (r1.conn_use, r2.conn_use) == (1, 2)  # Postfix's conn_use= in the mail log
     assert s.server.verbs == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"]
     s.advance(IDLE_TIMEOUT - 0.5)
     assert not s.server.links[0].lost

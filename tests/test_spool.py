@@ -170,6 +170,20 @@ def test_remove_deletes_message_and_state(tmp_path: Path) -> None:
     assert os.listdir(spool.path("messages")) == [] and os.listdir(spool.path("state")) == []
 
 
+def test_remove_after_restart_deletes_the_state_found_at_recovery(tmp_path: Path) -> None:
+    """remove() skips the state unlink only for messages known to have none:
+    a state file written by an earlier run is found by recover() and goes too."""
+    spool = make_spool(tmp_path)
+    deferred = commit(spool, b"x\r\n")
+    plain = commit(spool, b"y\r\n")
+    result(spool.defer(deferred))
+    restarted = make_spool(tmp_path)
+    assert len(result(restarted.recover())) == 2
+    result(restarted.remove(deferred.queue_id))
+    result(restarted.remove(plain.queue_id))
+    assert os.listdir(spool.path("messages")) == [] and os.listdir(spool.path("state")) == []
+
+
 def test_writable_probe(tmp_path: Path) -> None:
     """Readiness asks the file system, not the permission bits."""
     spool = make_spool(tmp_path)
