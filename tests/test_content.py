@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 
 from relayd import qmgr as qmgr_module
 from relayd.bounce import HEADER_READ_LIMIT, build_dsn
-from relayd.content import CHUNK, IN_MEMORY_LIMIT, Content, as_content
+from relayd.content import CHUNK, IN_MEMORY_LIMIT, Content, as_content, has_bare_newline
 from relayd.courier import maildir as maildir_module
 from relayd.courier import smarthost as smarthost_module
 from relayd.courier.maildir import MaildirCourier
@@ -472,3 +472,10 @@ def test_server_stops_reading_while_the_spool_is_behind() -> None:
     assert c.transport.producerState == "producing"
     assert c.send("more\r\n.\r\n")[-1].startswith("250")
     assert c.sink.messages[0].content.endswith(b"line\r\nmore\r\n")
+
+
+@given(st.binary(max_size=40).map(lambda b: bytes(b"\r\nx."[c % 4] for c in b)))
+def test_has_bare_newline_is_the_counting_definition(data: bytes) -> None:
+    """Every CR and LF in a CRLF pair, counted the slow way."""
+    crlf = data.count(b"\r\n")
+    assert has_bare_newline(data) == (data.count(b"\r") != crlf or data.count(b"\n") != crlf)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from relayd.content import has_bare_newline
+
 _TERMINATOR = b"\r\n.\r\n"
 _FIRST_LINE_TERMINATOR = b".\r\n"
 _BARE_NEWLINE = re.compile(rb"\r\n|\r|\n")
@@ -76,8 +78,7 @@ class DataReader:
         self._line_start = raw[-1:] == b"\n"
         self._after_crlf = raw[-2:] == b"\r\n"
         seg = raw
-        cr = seg.count(b"\r")
-        if cr != seg.count(b"\n") or cr != seg.count(b"\r\n"):
+        if has_bare_newline(seg):
             self.bare_newline = True
             if self._normalize:
                 seg = _BARE_NEWLINE.sub(b"\r\n", seg)
