@@ -16,10 +16,10 @@ from relayd.errors import ConfigError
 
 
 def _run(config_option: str | None, log_format: str | None = None) -> int:
-    from twisted.application.service import ServiceMaker
     from twisted.scripts.twistd import ServerOptions, runApp
 
-    from relayd.tap import check_files, load_config
+    from relayd.plugin import SERVICE_MAKER
+    from relayd.tap import PreloadedServiceMaker, check_files, load_config
 
     try:
         config = load_config(config_option)
@@ -27,7 +27,8 @@ def _run(config_option: str | None, log_format: str | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
-    maker = ServiceMaker("relayd", "relayd.tap", "relayd SMTP relay", "relayd")
+    # The config is read once, here: twistd's options get it ready-made.
+    maker = PreloadedServiceMaker(SERVICE_MAKER, config)
 
     class Options(ServerOptions):
         _getPlugins = staticmethod(lambda interface: [maker])  # type: ignore[assignment]
@@ -38,8 +39,6 @@ def _run(config_option: str | None, log_format: str | None = None) -> int:
     else:
         argv.append("--logger=relayd.logs.text_observer")
     argv.append("relayd")
-    if config_option:
-        argv += ["--config", config_option]
     options = Options()
     try:
         options.parseOptions(argv)

@@ -132,6 +132,15 @@ class ICourier(Interface):
             ``PermanentDeliveryError`` (bounce it).
         """
 
+    def stop() -> object:
+        """Release what the courier keeps open between deliveries (cached
+        connections), at shutdown or when a reload retires it; deliveries in
+        flight finish first.  May return a Deferred that fires when done.
+
+        Part of the interface so that nothing above a courier needs to know
+        which kind it holds.
+        """
+
 
 class IRetryPolicy(Interface):
     """When to try a deferred message again, and when to give up."""

@@ -628,6 +628,11 @@ class RecordingCourier:
         self.hold = hold
         self.relay = relay
         self.attempts: list[DeliveryAttempt] = []
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Holds nothing open; ``stopped`` lets a test see that it was asked."""
+        self.stopped = True
 
     @property
     def pending(self) -> list[DeliveryAttempt]:

@@ -61,6 +61,10 @@ class MaildirCourier:
     def relay(self) -> str:
         return f"maildir:{self.directory}"
 
+    def stop(self) -> None:
+        """Nothing to release: every delivery opens and closes its own files."""
+        return None
+
     def file_name(self, queue_id: str, envelope: Envelope) -> str:
         return f"{int(envelope.arrival)}.R{queue_id}.{self._host}"
 

@@ -1,14 +1,10 @@
 """twistd plugin for relayd: ``twistd -n relayd --config FILE``.
 
-Only a dotted name here: this file is imported whenever any process rebuilds
-the plugin cache, so it must not import the reactor or relayd itself.
+The service maker itself is :data:`relayd.plugin.SERVICE_MAKER` (shared with
+``relayd run``); that module imports neither the reactor nor the rest of
+relayd, because this file is imported whenever the plugin cache is rebuilt.
 """
 
-from twisted.application.service import ServiceMaker
+from relayd.plugin import SERVICE_MAKER as relayd
 
-relayd = ServiceMaker(
-    "relayd",
-    "relayd.tap",
-    "SMTP relay: ESMTP listeners, durable spool, smarthost or maildir delivery",
-    "relayd",
-)
+__all__ = ["relayd"]

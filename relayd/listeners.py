@@ -1,0 +1,124 @@
+"""Listening ports that outlive their factories.
+
+A :class:`ListenerService` binds one endpoint synchronously (so a start or a
+reload that cannot have its port fails before anything else happens) and
+hands connections to a :class:`SwitchFactory`, whose target a reload can
+replace while the socket stays bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayd.smtpd.protocol import SMTPServerFactory
+
+log = Logger(namespace="relayd")
+
+
+#: Listen queue for TCP listeners without an explicit ``backlog=``.  Twisted's
+#: default is 50: with a burst of clients (100 sessions from smtp-source)
+#: SYNs were dropped and each drop cost a client a 1 s retransmit; Postfix
+#: uses 100 and Linux caps the value at net.core.somaxconn anyway.
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``tcp:25`` -> ``tcp:25:backlog=1024`` (an explicit backlog is kept)."""
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
+
+
+class SwitchFactory(ServerFactory):
+    """What a listening port hands its connections to, replaceable while the
+    port stays bound: a reload that turns implicit TLS or the PROXY protocol
+    on or off swaps the factory chain without closing the socket."""
+
+    noisy = False
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.target.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        target = self.target
+        prefix = getattr(target, "logPrefix", None)
+        return prefix() if callable(prefix) else type(target).__name__
+
+
+class ListenerService(Service):
+    """One SMTP (or HTTP) endpoint, bound before privileges are dropped.
+
+    Binding happens synchronously in ``privilegedStartService`` so that a
+    port in use or a bad address stops the start with an error instead of
+    leaving a half-running relay.
+
+    :param smtp: the SMTP factory behind the port, whose sessions a stop
+        lets finish their transactions (within ``grace`` seconds).
+    """
+
+    def __init__(self, name: str, description: str, factory: Any, reactor: Any,
+                 smtp: SMTPServerFactory | None = None, grace: float = 30.0) -> None:
+        self.name = name
+        self.description = description
+        self._factory = SwitchFactory(factory)
+        self._reactor = reactor
+        self.smtp = smtp
+        self.grace = grace
+        self.port: Any = None
+
+    def switch(self, factory: Any) -> None:
+        """New connections go to ``factory`` from now on."""
+        self._factory.target = factory
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is not None:
+            return
+        endpoint = serverFromString(self._reactor, with_backlog(self.description))
+        outcome: list[Any] = []
+        endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"{self.name}: {self.description} did not bind at once")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+        address = self.port.getHost()
+        log.info("{name} listening on {host}:{port}", name=self.name,
+                 host=getattr(address, "host", "?"), port=getattr(address, "port", "?"))
+
+    def startService(self) -> None:
+        self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Any:
+        """Close the port at once; SMTP sessions get to finish their
+        transactions (``SMTPServerFactory.shutdown``)."""
+        super().stopService()
+        port, self.port = self.port, None
+        waits = []
+        if port is not None:
+            waits.append(port.stopListening())
+        if self.smtp is not None:
+            waits.append(self.smtp.shutdown(self.grace))
+        waits = [d for d in waits if d is not None]
+        if not waits:
+            return None
+        return gatherResults(waits, consumeErrors=True)
+
+    @property
+    def address(self) -> str | None:
+        if self.port is None:
+            return None
+        a = self.port.getHost()
+        return f"{getattr(a, 'host', '?')}:{getattr(a, 'port', '?')}"

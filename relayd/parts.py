@@ -1,0 +1,116 @@
+"""The relay's parts built from a :class:`Config`: certificates, auth
+backends, couriers, and the checks that read every file a config names.
+
+Shared by the start (:mod:`relayd.service`), a reload (:mod:`relayd.reload`)
+and ``relayd check-config``, so the three build and check exactly the same
+things: a file that stops ``run`` also stops ``check-config``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.logger import Logger
+
+from relayd.config import Config, ListenerConfig, RouteConfig
+from relayd.courier.maildir import MaildirCourier
+from relayd.courier.smarthost import SmarthostCourier
+from relayd.diskio import DiskWriter
+from relayd.errors import ConfigError
+from relayd.interfaces import IAuthBackend, ICourier
+from relayd.metrics import Metrics
+from relayd.tls import ClientTLS, ServerTLS, server_tls_files
+
+log = Logger(namespace="relayd")
+
+
+def server_tls(config: Config, listener: Any) -> ServerTLS | None:
+    """The reloadable server certificate of a TLS listener (None without TLS).
+
+    :raises ConfigError: naming the config file and key, when a certificate
+        or key file cannot be used.
+    """
+    if listener.tls == "none":
+        return None
+    cert, key, cert_label, key_label = server_tls_files(config, listener)
+    try:
+        return ServerTLS(cert, key, listener.tls_min_version, cert_label=cert_label,
+                         key_label=key_label, name=listener.name)
+    except ConfigError as e:
+        raise ConfigError(config.source, e.key, f"{e.source}: {e.reason}") from None
+
+
+def make_auth_backend(config: Config, name: str, reactor: Any) -> IAuthBackend:
+    """``[auth.NAME]`` as a backend; imported lazily so that relays without
+    AUTH never import the backends (and ldap3)."""
+    try:
+        from relayd.auth import make_backend
+    except ImportError as e:
+        raise ConfigError(config.source, f"auth.{name}",
+                          f"auth backends are not available: {e}") from None
+    try:
+        return make_backend(config.auth[name], reactor)
+    except ConfigError as e:
+        raise ConfigError(config.source, e.key, f"{e.source}: {e.reason}") from None
+
+
+def auth_backends(config: Config, reactor: Any) -> dict[str, IAuthBackend]:
+    """One backend per ``[auth.NAME]`` that a listener uses (not started)."""
+    names = {x.auth_backend for x in config.listeners
+             if x.auth != "none" and x.auth_backend is not None}
+    return {name: make_auth_backend(config, name, reactor) for name in sorted(names)}
+
+
+def backend_of(listener: ListenerConfig,
+                backends: dict[str, IAuthBackend]) -> IAuthBackend | None:
+    if listener.auth == "none" or listener.auth_backend is None:
+        return None
+    return backends[listener.auth_backend]
+
+
+def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: Any,
+                 metrics: Metrics | None = None) -> ICourier:
+    if route.maildir is not None:
+        return MaildirCourier(route.maildir, disk, hostname)
+    return SmarthostCourier(route, hostname, reactor, metrics=metrics)
+
+
+def stop_courier(courier: ICourier) -> Any:
+    """Close a smarthost courier's cached connections (its deliveries in
+    flight finish first); a maildir courier holds nothing open."""
+    if isinstance(courier, SmarthostCourier):
+        return courier.stop()
+    return None
+
+
+def check_files(config: Config) -> None:
+    """Read what the config points at (TLS certificates, CA files) now, so a
+    missing or broken file is a config error before anything listens."""
+    for listener in config.listeners:
+        server_tls(config, listener)
+    for route in config.routes.values():
+        if not route.smarthost or route.tls == "none":
+            continue
+        try:
+            client = ClientTLS(route)
+            for smarthost in route.smarthost:
+                client.creator(smarthost.host, verify=route.tls != "opportunistic")
+        except ConfigError as e:
+            raise ConfigError(config.source, e.key, e.reason) from None
+        except Exception as e:
+            raise ConfigError(config.source, f"route.{route.name}.tls",
+                              f"cannot set up TLS: {e}") from None
+
+
+def resolve_hostname(configured: str | None) -> str:
+    """The banner and EHLO name: the configured one, else the FQDN."""
+    if configured:
+        return configured
+    name = socket.getfqdn()
+    if name in ("localhost", "localhost.localdomain") or "." not in name:
+        fallback = socket.gethostname()
+        log.warn("hostname: the FQDN is {fqdn!r}; using {name!r} (set server.hostname)",
+                 fqdn=name, name=fallback)
+        return fallback
+    return name
