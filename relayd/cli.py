@@ -1,4 +1,4 @@
-"""The ``relayd`` command: run, check-config, --version.
+"""The ``relayd`` command: run, check-config, queue, drain, dkim keygen, --version.
 
 ``relayd run`` is ``twistd -n relayd`` without depending on the plugin
 cache: the service maker is handed to twistd directly, so it works from a
@@ -114,7 +114,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--all", action="store_true", help="every message in the queue")
         p.add_argument("--sender", metavar="PATTERN",
                        help="messages whose envelope sender matches (* wildcards)")
+    dkim = sub.add_parser("dkim", help="DKIM keys")
+    dkim_sub = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
+    keygen = dkim_sub.add_parser(
+        "keygen", help="write a new private key (0600, never overwritten) and print its DNS "
+                       "TXT record as a zone-file line")
+    keygen.add_argument("--domain", required=True)
+    keygen.add_argument("--selector", required=True)
+    keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--out", required=True, metavar="FILE")
     args = parser.parse_args(argv)
+    if args.command == "dkim":
+        from relayd.dkim.keygen import keygen as run_keygen
+
+        return run_keygen(args.domain, args.selector, args.algorithm, args.bits, args.out)
     config_option = getattr(args, "sub_config", None) or args.config
     if args.command == "check-config":
         return _check_config(config_option)
