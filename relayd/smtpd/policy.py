@@ -17,6 +17,7 @@ from attrs import frozen
 
 from relayd.config import ListenerConfig
 from relayd.errors import SMTPReply
+from relayd.ipaddr import in_networks
 from relayd.smtpd.address import split_address
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -67,13 +68,7 @@ class ListenerPolicy:
     def trusted_client(self, host: str) -> bool:
         """Is this client address in ``mynetworks``?  IPv4-mapped IPv6
         addresses count as their IPv4 address."""
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in self.mynetworks)
+        return in_networks(host, self.mynetworks)
 
     def check_sender(self, sender: str, permitted: bool) -> None:
         """Raise ``SMTPReply`` if a permitted client may not use this sender.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +43,7 @@ from zope.interface import implementer
 from relayd.config import ListenerConfig
 from relayd.errors import SMTPReply
 from relayd.interfaces import IAuthBackend, IMessageReceiver, ISession, ISubmissionSink
+from relayd.ipaddr import is_loopback
 from relayd.metrics import Metrics
 from relayd.netio import write_now
 from relayd.smtpd.address import AddressSyntaxError, parse_params, parse_path
@@ -106,16 +106,6 @@ def _b64(text: bytes) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise SMTPReply(501, "5.5.2", "Cannot decode response") from None
-
-
-def _loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def _printable(arg: bytes) -> bool:
@@ -464,7 +454,7 @@ class SMTPServerProtocol(Protocol):
         """May this session AUTH now?  Under TLS, or plaintext from loopback
         on a plaintext_auth listener (design invariant 3)."""
         return self._auth_offered_on_listener and (
-            self._tls or (self._listener.plaintext_auth and _loopback(self._client))
+            self._tls or (self._listener.plaintext_auth and is_loopback(self._client))
         )
 
     # -- timers ------------------------------------------------------------

@@ -34,6 +34,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from relayd.ipaddr import in_networks
+
 log = Logger(namespace="relayd.smtpd")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -207,16 +209,6 @@ def _v1_port(text: bytes) -> int:
     return port
 
 
-def _in_networks(host: str, networks: Iterable[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in networks)
-
-
 # -- the wrapper ------------------------------------------------------------------
 
 
@@ -249,7 +241,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self.factory.registerProtocol(self)
         peer = transport.getPeer()
         self._proxy = getattr(peer, "host", "") or ""
-        if not _in_networks(self._proxy, self.factory.trusted):
+        if not in_networks(self._proxy, self.factory.trusted):
             log.warn("listener {listener}: connection from [{peer}] refused: not in "
                      "proxy_trusted (PROXY protocol listener)",
                      listener=self.factory.name, peer=self._proxy)
