@@ -20,7 +20,7 @@ from relayd.diskio import DiskWriter
 from relayd.errors import ConfigError
 from relayd.interfaces import IAuthBackend, ICourier
 from relayd.metrics import Metrics
-from relayd.tls import ClientTLS, ServerTLS, server_tls_files
+from relayd.tls import ServerTLS, route_client_tls, server_tls_files
 
 log = Logger(namespace="relayd")
 
@@ -90,17 +90,10 @@ def check_files(config: Config) -> None:
     for listener in config.listeners:
         server_tls(config, listener)
     for route in config.routes.values():
-        if not route.smarthost or route.tls == "none":
-            continue
         try:
-            client = ClientTLS(route)
-            for smarthost in route.smarthost:
-                client.creator(smarthost.host, verify=route.tls != "opportunistic")
+            route_client_tls(route)
         except ConfigError as e:
             raise ConfigError(config.source, e.key, e.reason) from None
-        except Exception as e:
-            raise ConfigError(config.source, f"route.{route.name}.tls",
-                              f"cannot set up TLS: {e}") from None
 
 
 def resolve_hostname(configured: str | None) -> str:

@@ -214,6 +214,33 @@ class ClientTLS:
         return creator
 
 
+def route_client_tls(route: RouteConfig) -> ClientTLS | None:
+    """The TLS side of a smarthost route with a connection creator built for
+    every smarthost now, or ``None`` for a route without TLS.
+
+    The one pre-check of a route's client TLS files (CA file, client
+    certificate and key): the courier calls it when it is made and
+    ``check-config`` calls it too, so a bad file stops both alike.
+
+    :raises ConfigError: naming the route's key, when a file cannot be used.
+    """
+    if route.tls == "none" or not route.smarthost:
+        return None
+    client = ClientTLS(route)
+    for smarthost in route.smarthost:
+        try:
+            client.creator(smarthost.host, verify=route.tls != "opportunistic")
+        except ConfigError:
+            raise
+        except Exception as e:
+            reason = (str(e) or e.__class__.__name__).rstrip(".")
+            raise ConfigError(
+                f"[route.{route.name}]", f"route.{route.name}.tls",
+                f"cannot set up TLS for {smarthost.host}: {reason}",
+            ) from e
+    return client
+
+
 def client_tls_options(
     route: RouteConfig, host: str | None = None
 ) -> IOpenSSLClientConnectionCreator | None:

@@ -65,7 +65,7 @@ from relayd.envelope import (
     Envelope,
     RecipientResult,
 )
-from relayd.errors import ConfigError, DeliveryError, TransientDeliveryError
+from relayd.errors import DeliveryError, TransientDeliveryError
 from relayd.interfaces import ICourier
 from relayd.metrics import Metrics
 from relayd.netio import write_now
@@ -772,19 +772,8 @@ class SmarthostCourier:
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._endpoint_factory = endpoint_factory or self._endpoint
         self._metrics = metrics
-        self._tls = tls.ClientTLS(route) if route.tls != "none" else None
-        if self._tls is not None:
-            # Build every context now: a bad file or key fails start-up.
-            for smarthost in route.smarthost:
-                try:
-                    self._tls.creator(smarthost.host, verify=route.tls != "opportunistic")
-                except ConfigError:
-                    raise
-                except Exception as e:
-                    raise ConfigError(
-                        f"[route.{route.name}]", f"route.{route.name}.tls",
-                        f"cannot set up TLS for {smarthost.host}: {_why(e)}",
-                    ) from e
+        # Every context built now: a bad file or key fails start-up.
+        self._tls = tls.route_client_tls(route)
         if route.tls in ("starttls", "implicit") and not route.tls_verify:
             log.warn(
                 "route {route}: tls_verify = false: the smarthost's certificate is not "
