@@ -17,7 +17,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.smtpd.protocol import SMTPServerFactory
+from relayd.smtpd.factory import SMTPServerFactory
 
 log = Logger(namespace="relayd")
 

@@ -22,7 +22,7 @@ from relayd.listeners import ListenerService
 from relayd.metrics import Metrics
 from relayd.parts import auth_backends, backend_of, make_courier, server_tls
 from relayd.qmgr import QueueManager
-from relayd.smtpd.protocol import SMTPServerFactory
+from relayd.smtpd.factory import SMTPServerFactory
 from relayd.tls import ServerTLS, server_tls_files
 
 log = Logger(namespace="relayd")

@@ -49,7 +49,7 @@ from relayd.queue.spool import Spool, control_socket_address, control_socket_pat
 from relayd.reload import ReloadPlan
 from relayd.sdnotify import SystemdNotifier
 from relayd.smtpd.authlimit import AuthFailureTracker
-from relayd.smtpd.protocol import SMTPServerFactory
+from relayd.smtpd.factory import SMTPServerFactory
 from relayd.smtpd.proxy import ProxyProtocolFactory
 from relayd.status import status_view
 from relayd.tls import ServerTLS

@@ -14,7 +14,7 @@ from relayd.config import Config
 from relayd.listeners import ListenerService
 from relayd.qmgr import QueueManager
 from relayd.queue.spool import Spool
-from relayd.smtpd.protocol import SMTPServerFactory
+from relayd.smtpd.factory import SMTPServerFactory
 
 
 class StatusSource(Protocol):

@@ -312,7 +312,7 @@ def smtp_server(
     """
     # Imported here so that importing relayd.testing (e.g. for the config
     # helpers) does not pull in the server.
-    from relayd.smtpd.protocol import SMTPServerFactory
+    from relayd.smtpd.factory import SMTPServerFactory
 
     if listener is None:
         listener = listener_config(**overrides)
