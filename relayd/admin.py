@@ -1,11 +1,14 @@
 """``relayd queue ...``: Postfix's mailq/postqueue/postsuper for relayd.
 
-With a daemon running, every request goes through its control socket: the
-queue manager knows which message is in mid-delivery, so a hold or delete
-can never race a delivery.  With no daemon, the commands work on the spool
-files directly, under the spool lock, so a daemon started meanwhile waits
-rather than reading half-changed state.  Run as root, they act as the
-spool's owner, so nothing in the spool ends up owned by root.
+A thin layer: every request is answered by the queue core
+(``relayd.queue.state`` through ``relayd.queue.requests``) and only
+printed here.  With a daemon running, requests go through its control
+socket: its queue manager knows which message is in mid-delivery, so a hold
+or delete can never race a delivery.  With no daemon, the same requests are
+answered in this process by the same core over the spool files, under the
+spool lock, so a daemon started meanwhile waits rather than reading
+half-changed state.  Run as root, the commands act as the spool's owner, so
+nothing in the spool ends up owned by root.
 """
 
 from __future__ import annotations
@@ -16,34 +19,25 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
-from attrs import evolve
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
-from relayd.bounce import build_dsn
 from relayd.config import Config
 from relayd.diskio import InlineDiskWriter
-from relayd.envelope import (
-    BOUNCED,
-    Envelope,
-    Event,
-    QueuedMessage,
-    RecipientResult,
-    is_queue_id,
-    message_details,
-)
-from relayd.queue.spool import CorruptMessage, Spool, control_socket_address
+from relayd.dsn import DSNQueue
+from relayd.hostname import resolve_hostname
+from relayd.queue.requests import answer
+from relayd.queue.spool import Spool, control_socket_address
+from relayd.queue.state import OPERATIONS, QueueState
 
-OPERATIONS = ("flush", "hold", "release", "delete", "bounce")
+__all__ = ["OPERATIONS", "AdminError", "LocalQueue", "OnlineQueue", "drain", "execute",
+           "history_line", "print_entry", "print_show", "run"]
 
 
 class AdminError(Exception):
     """A queue command that cannot be carried out; printed, exit 1."""
-
-
-class _WallClock:
-    def seconds(self) -> float:
-        return time.time()
 
 
 def become_spool_owner(spool: str) -> None:
@@ -57,120 +51,45 @@ def become_spool_owner(spool: str) -> None:
     os.setuid(st.st_uid)
 
 
-def _pending(message: QueuedMessage) -> list[str]:
-    done = set(message.done)
-    return [r for r in message.envelope.recipients if r not in done]
+class LocalQueue:
+    """The requests answered here, by the queue core over the spool (no
+    daemon runs, and we hold the spool lock).  The spool's disk work is
+    inline, so every answer is complete when ``answer`` returns."""
+
+    where = " (relayd is not running)"
+
+    def __init__(self, config: Config, spool: Spool, clock: IReactorTime) -> None:
+        bouncer = DSNQueue(spool, clock, resolve_hostname(config.server.hostname),
+                           config.server.bounce_from)
+        self.queue = QueueState(spool, clock, bouncer)
+        _sync(self.queue.load())
+
+    def request(self, obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        replies: list[dict[str, Any]] = []
+        d = answer(self.queue, obj, replies.append)
+        if d is not None:
+            _sync(d)
+        for reply in replies:
+            if "error" in reply:
+                raise AdminError(reply["error"])
+            yield reply
 
 
-def _entry(message: QueuedMessage, now: float) -> dict[str, Any]:
-    e = message.envelope
-    state = "held" if message.held else ("deferred" if message.next_attempt > now else "active")
-    return {
-        "id": message.queue_id, "state": state, "arrival": e.arrival, "age": now - e.arrival,
-        "size": e.size, "sender": e.sender, "recipients": _pending(message),
-        "attempts": message.attempts,
-        "next_attempt": message.next_attempt if message.next_attempt > now else None,
-        "last_error": message.last_error, "route": e.route, "listener": e.listener,
-    }
-
-
-class OfflineQueue:
-    """The queue commands on the spool files, while no daemon runs."""
-
-    def __init__(self, config: Config, spool: Spool) -> None:
-        self._config = config
-        self._spool = spool
-
-    def _read(self, queue_id: str) -> QueuedMessage:
-        out: list[Any] = []
-        self._spool.read(queue_id).addBoth(out.append)
-        if not isinstance(out[0], QueuedMessage):
-            raise AdminError(f"no message {queue_id} in the queue")
-        return out[0]
-
-    def listing(self) -> Iterator[dict[str, Any]]:
-        """Streams: one file read at a time, in directory order."""
-        now = time.time()
-        with os.scandir(self._spool.path("messages")) as entries:
-            for entry in entries:
-                if not is_queue_id(entry.name):
-                    continue
-                try:
-                    yield _entry(self._read(entry.name), now)
-                except (AdminError, CorruptMessage, OSError):
-                    continue
-
-    def describe(self, queue_id: str) -> dict[str, Any]:
-        if not is_queue_id(queue_id):
-            raise AdminError(f"no message {queue_id} in the queue")
-        message = self._read(queue_id)
-        return {**_entry(message, time.time()), **message_details(message)}
-
-    def select(self, ids: list[str], everything: bool, sender: str | None) -> list[str]:
-        if everything:
-            return [e["id"] for e in self.listing()]
-        if sender is not None:
-            import fnmatch
-
-            pattern = sender.lower()
-            return [e["id"] for e in self.listing()
-                    if fnmatch.fnmatchcase(e["sender"].lower(), pattern)]
-        return ids
-
-    def administer(self, op: str, ids: list[str]) -> list[str]:
-        affected = []
-        for qid in ids:
-            if not is_queue_id(qid) or not os.path.exists(self._spool.path("messages", qid)):
-                continue
-            message = self._read(qid)
-            if op == "hold":
-                self._save(evolve(message, held=True).with_events(Event.of(time.time(), "held")))
-            elif op == "release":
-                self._save(evolve(message, held=False, next_attempt=0.0).with_events(
-                    Event.of(time.time(), "released")))
-            elif op == "flush":
-                if not message.held:
-                    self._save(evolve(message, next_attempt=0.0))
-            elif op == "delete":
-                self._done(self._spool.remove(qid))
-            elif op == "bounce":
-                self._bounce(message)
-                self._done(self._spool.remove(qid))
-            affected.append(qid)
-        return affected
-
-    def _save(self, message: QueuedMessage) -> None:
-        self._done(self._spool.defer(message))
-
-    def _done(self, d: Any) -> Any:
-        out: list[Any] = []
-        d.addBoth(out.append)
-        if hasattr(out[0], "raiseException"):
-            out[0].raiseException()
-        return out[0]
-
-    def _bounce(self, message: QueuedMessage) -> None:
-        if not message.envelope.sender:
-            return
-        content = self._done(self._spool.load(message.queue_id))
-        hostname = self._config.server.hostname or socket.getfqdn()
-        now = time.time()
-        failed = [RecipientResult(r, BOUNCED, "550 5.0.0 message returned by the administrator")
-                  for r in _pending(message)]
-        dsn = build_dsn(queue_id=message.queue_id, envelope=message.envelope, failed=failed,
-                        content=content, reporting_mta=hostname,
-                        bounce_from=self._config.server.bounce_from or f"MAILER-DAEMON@{hostname}",
-                        now=now)
-        envelope = Envelope(sender="", recipients=(message.envelope.sender,),
-                            route=message.envelope.route, arrival=now, listener="bounce",
-                            helo=hostname, smtputf8=message.envelope.smtputf8)
-        writer = self._spool.open_message(envelope)
-        writer.write(dsn)
-        self._done(writer.commit())
+def _sync(d: Any) -> Any:
+    """The result of a Deferred that has fired (inline disk work)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    if not out:
+        raise AdminError("the spool did not answer")  # pragma: no cover: inline disk
+    if isinstance(out[0], Failure):
+        raise AdminError(out[0].getErrorMessage())
+    return out[0]
 
 
 class OnlineQueue:
     """The queue commands through the running daemon's control socket."""
+
+    where = ""
 
     def __init__(self, address: str) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -206,7 +125,7 @@ def print_entry(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
         out.write(json.dumps(entry, ensure_ascii=False) + "\n")
         return
     nxt = entry.get("next_attempt")
-    when = f"retry in {_human_age(nxt - time.time())}" if nxt else entry["state"]
+    when = f"retry in {_human_age(nxt - _answered_at(entry))}" if nxt else entry["state"]
     out.write(f"{entry['id']}  {entry['state']:<8} {_human_age(entry['age']):>5} "
               f"{entry['size']:>9}  attempts={entry['attempts']}  {when}  "
               f"<{entry['sender']}>\n")
@@ -214,6 +133,12 @@ def print_entry(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
         out.write(f"    <{rcpt}>\n")
     if entry.get("last_error"):
         out.write(f"    ({entry['last_error']})\n")
+
+
+def _answered_at(entry: dict[str, Any]) -> float:
+    """The answering side's "now" (its clock made ``age``): retry times are
+    said relative to it, so this process reads no clock of its own."""
+    return float(entry["arrival"]) + float(entry["age"])
 
 
 def _utc(when: float) -> str:
@@ -250,7 +175,8 @@ def print_show(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
         return
     pending = set(entry["recipients"])
     nxt = entry.get("next_attempt")
-    state = entry["state"] + (f", retry in {_human_age(nxt - time.time())}" if nxt else "")
+    state = entry["state"] + (f", retry in {_human_age(nxt - _answered_at(entry))}"
+                              if nxt else "")
     fields = [
         ("queue id", entry["id"]),
         ("state", f"{state} (attempts: {entry['attempts']})"),
@@ -277,41 +203,66 @@ def print_show(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
             out.write(f"... {entry['history_omitted']} more events not kept ...\n")
 
 
-def run(config: Config, command: str, ids: list[str], everything: bool, sender: str | None,
-        as_json: bool, out: TextIO = sys.stdout) -> int:
-    """Carry out one ``relayd queue`` command; returns the exit status."""
+def _spool(config: Config, clock: IReactorTime) -> Spool:
     directory = config.server.spool
     if not os.path.isdir(os.path.join(directory, "messages")):
         raise AdminError(f"no spool at {directory}")
-    become_spool_owner(directory)
-    spool = Spool(directory, _WallClock(), InlineDiskWriter())  # type: ignore[arg-type]
+    return Spool(directory, clock, InlineDiskWriter())
+
+
+def _reactor() -> IReactorTime:
+    """The default clock: the reactor, imported only when a command runs."""
+    from twisted.internet import reactor
+
+    return reactor  # type: ignore[return-value]
+
+
+def run(config: Config, command: str, ids: list[str], everything: bool, sender: str | None,
+        as_json: bool, out: TextIO = sys.stdout, clock: IReactorTime | None = None) -> int:
+    """Carry out one ``relayd queue`` command; returns the exit status.
+
+    :param clock: the offline commands' time (of a hold, of a DSN); by
+        default the reactor's.
+    """
+    become_spool_owner(config.server.spool)
+    clock = clock or _reactor()
+    spool = _spool(config, clock)
     lock = spool.lock()
     try:
         if lock is None:
-            return _online(OnlineQueue(control_socket_address(directory)), command, ids, everything,
-                           sender, as_json, out)
-        return _offline(OfflineQueue(config, spool), command, ids, everything, sender,
-                        as_json, out)
+            return execute(OnlineQueue(control_socket_address(spool.directory)), command, ids,
+                           everything, sender, as_json, out)
+        return execute(LocalQueue(config, spool, clock), command, ids, everything, sender,
+                       as_json, out)
     finally:
         if lock is not None:
             os.close(lock)
 
 
-def drain(config: Config) -> None:
+def drain(config: Config, clock: IReactorTime | None = None) -> None:
     """Ask the running daemon to drain (``relayd drain``)."""
-    directory = config.server.spool
-    if not os.path.isdir(os.path.join(directory, "messages")):
-        raise AdminError(f"no spool at {directory}")
-    spool = Spool(directory, _WallClock(), InlineDiskWriter())  # type: ignore[arg-type]
+    spool = _spool(config, clock or _reactor())
     lock = spool.lock()
     if lock is not None:
         os.close(lock)
         raise AdminError("relayd is not running on this spool")
-    list(OnlineQueue(control_socket_address(directory)).request({"op": "drain"}))
+    list(OnlineQueue(control_socket_address(spool.directory)).request({"op": "drain"}))
 
 
-def _online(q: OnlineQueue, command: str, ids: list[str], everything: bool,
-            sender: str | None, as_json: bool, out: TextIO) -> int:
+class Channel(Protocol):
+    """Where requests are answered: the daemon (``OnlineQueue``) or this
+    process (``LocalQueue``)."""
+
+    #: Said after a listing's count.
+    where: str
+
+    def request(self, obj: dict[str, Any]) -> Iterator[dict[str, Any]]: ...
+
+
+def execute(q: Channel, command: str, ids: list[str], everything: bool, sender: str | None,
+            as_json: bool, out: TextIO, err: TextIO | None = None) -> int:
+    """One command: the same requests and printing for the daemon and for
+    the spool."""
     if command == "list":
         count = 0
         for reply in q.request({"op": "list"}):
@@ -319,7 +270,7 @@ def _online(q: OnlineQueue, command: str, ids: list[str], everything: bool,
                 print_entry(reply["message"], out, as_json)
                 count += 1
         if not as_json:
-            out.write(f"-- {count} message(s) in the queue\n")
+            out.write(f"-- {count} message(s) in the queue{q.where}\n")
         return 0
     if command == "show":
         [reply] = list(q.request({"op": "show", "id": ids[0]}))
@@ -328,31 +279,14 @@ def _online(q: OnlineQueue, command: str, ids: list[str], everything: bool,
     request = {"op": command, "ids": ids, "all": everything, "sender": sender}
     for reply in q.request(request):
         if reply.get("done"):
-            return _report(command, ids, reply["affected"], out)
+            return _report(command, ids, reply["affected"], out, err or sys.stderr)
     return 1
 
 
-def _offline(q: OfflineQueue, command: str, ids: list[str], everything: bool,
-             sender: str | None, as_json: bool, out: TextIO) -> int:
-    if command == "list":
-        count = 0
-        for entry in q.listing():
-            print_entry(entry, out, as_json)
-            count += 1
-        if not as_json:
-            out.write(f"-- {count} message(s) in the queue (relayd is not running)\n")
-        return 0
-    if command == "show":
-        print_show(q.describe(ids[0]), out, as_json)
-        return 0
-    affected = q.administer(command, q.select(ids, everything, sender))
-    return _report(command, ids, affected, out)
-
-
-def _report(command: str, ids: list[str], affected: list[str], out: TextIO) -> int:
+def _report(command: str, ids: list[str], affected: list[str], out: TextIO, err: TextIO) -> int:
     for qid in affected:
         out.write(f"{qid}: {command}\n")
     missing = [i for i in ids if i not in affected]
     for qid in missing:
-        print(f"relayd queue {command}: {qid}: no such message in the queue", file=sys.stderr)
+        err.write(f"relayd queue {command}: {qid}: no such message in the queue\n")
     return 1 if missing else 0

@@ -5,14 +5,14 @@ Adds the trace and identity headers a relay owes (``Received:``, and
 scripts do and as Gmail then refuses), counts hops to stop mail loops,
 keeps every line within RFC 5322's 998 octets, and streams the result into
 the spool.  One ``CleanupMessage`` per message; the server sees only
-``ISubmissionSink``/``IMessageReceiver``.
+``ISubmissionSink``/``IMessageReceiver``, and cleanup sees only ``ISpool``
+(files, free space) and ``IQueueArrival`` (the queue manager, told about
+each durable message).
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -24,8 +24,14 @@ from zope.interface import implementer
 from relayd.content import IN_MEMORY_LIMIT, Content
 from relayd.envelope import Envelope, QueuedMessage
 from relayd.errors import QueueFull, SMTPReply
-from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
-from relayd.queue.spool import Spool, SpoolWriter
+from relayd.interfaces import (
+    IMessageReceiver,
+    IQueueArrival,
+    ISession,
+    ISpool,
+    ISpoolWriter,
+    ISubmissionSink,
+)
 
 maillog = Logger(namespace="relayd.mail")
 
@@ -51,8 +57,6 @@ _HEADER_LINES = re.compile(rb"(?:(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\r\n]*\
 _COUNTED = re.compile(rb"^(received|message-id|date)[ \t]*:", re.I | re.M)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-OnQueued = Callable[[QueuedMessage, "Content | None"], None]
 
 
 def split_long_lines(data: bytes, column: int, header: bool) -> tuple[bytes, int]:
@@ -93,19 +97,17 @@ def split_long_lines(data: bytes, column: int, header: bool) -> tuple[bytes, int
 class Cleanup:
     """Turns accepted SMTP transactions into spool files.
 
-    :param on_queued: told about each message once it is durable, with its
+    :param arrival: told about each message once it is durable, with its
         content when that is small enough to keep (saves the queue manager
-        reading it back).
-    :param queue_size: how many messages the spool holds now.
+        reading it back); its length is how many messages are queued now.
     """
 
     def __init__(
         self,
-        spool: Spool,
+        spool: ISpool,
         hostname: str,
         clock: IReactorTime,
-        on_queued: OnQueued,
-        queue_size: Callable[[], int],
+        arrival: IQueueArrival,
         max_hops: int = 50,
         max_messages: int = 100_000,
         min_free_disk: int = 0,
@@ -113,8 +115,7 @@ class Cleanup:
         self.spool = spool
         self.hostname = hostname
         self.clock = clock
-        self.on_queued = on_queued
-        self.queue_size = queue_size
+        self.arrival = arrival
         self.max_hops = max_hops
         self.max_messages = max_messages
         self.min_free_disk = min_free_disk
@@ -123,14 +124,13 @@ class Cleanup:
 
     def check_capacity(self) -> None:
         """452 4.3.1 at MAIL when the queue is full or the disk nearly so."""
-        if self.queue_size() >= self.max_messages:
+        if len(self.arrival) >= self.max_messages:
             raise QueueFull("Insufficient system storage (queue full)")
         now = self.clock.seconds()
         if self.min_free_disk and now - self._disk_checked >= 1.0:
             self._disk_checked = now
             try:
-                st = os.statvfs(self.spool.directory)
-                self._disk_ok = st.f_bavail * st.f_frsize >= self.min_free_disk
+                self._disk_ok = self.spool.free_space() >= self.min_free_disk
             except OSError:
                 self._disk_ok = False
         if not self._disk_ok:
@@ -164,7 +164,7 @@ class CleanupMessage:
     """One message: header section buffered until complete, then streamed."""
 
     def __init__(
-        self, cleanup: Cleanup, session: ISession, writer: SpoolWriter, envelope: Envelope
+        self, cleanup: Cleanup, session: ISession, writer: ISpoolWriter, envelope: Envelope
     ) -> None:
         self._cleanup = cleanup
         self._session = session
@@ -279,8 +279,8 @@ class CleanupMessage:
                 nrcpt=len(e.recipients), listener=e.listener, client=e.client_address,
                 user=e.user,
             )
-            self._cleanup.on_queued(message,
-                                    Content.of(b"".join(keep)) if keep is not None else None)
+            self._cleanup.arrival.queued(
+                message, Content.of(b"".join(keep)) if keep is not None else None)
             return message.queue_id
 
         return d.addCallback(queued)

@@ -4,8 +4,9 @@ A Unix socket in the spool directory, owner-only like the spool itself, so
 file permissions are the access control.  The protocol is one JSON object
 per line each way; ``list`` streams one line per message, so a queue of
 100,000 messages is never built into a single reply.  Everything goes
-through the queue manager, which knows what is in flight: that is what makes
-``hold`` or ``delete`` during a delivery well defined.
+through the queue core (``relayd.queue.state``), the same code the offline
+commands run; its scheduler (the queue manager) knows what is in flight:
+that is what makes ``hold`` or ``delete`` during a delivery well defined.
 """
 
 from __future__ import annotations
@@ -18,20 +19,20 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from relayd.qmgr import QueueManager
+from relayd.queue.requests import UnknownRequest, answer
+from relayd.queue.state import QueueState
 
 log = Logger(namespace="relayd.control")
 
 #: A request line longer than this is not ours.
 MAX_REQUEST = 64 * 1024
-OPERATIONS = ("flush", "hold", "release", "delete", "bounce")
 
 
 class ControlProtocol(Protocol):
     """One admin client: requests in, JSON lines out."""
 
-    def __init__(self, qmgr: QueueManager, drain: Callable[[], object] | None = None) -> None:
-        self._qmgr = qmgr
+    def __init__(self, queue: QueueState, drain: Callable[[], object] | None = None) -> None:
+        self._queue = queue
         self._drain = drain
         self._buf = b""
 
@@ -57,28 +58,14 @@ class ControlProtocol(Protocol):
             self._send({"error": "malformed request"})
             return
         try:
-            if op == "list":
-                count = 0
-                for entry in self._qmgr.listing():
-                    self._send({"message": entry})
-                    count += 1
-                self._send({"done": True, "count": count})
-            elif op == "show":
-                found = self._qmgr.describe(str(request.get("id", "")))
-                self._send({"done": True, "message": found} if found else
-                           {"error": f"no message {request.get('id')!r} in the queue"})
-            elif op == "drain" and self._drain is not None:
+            if op == "drain" and self._drain is not None:
                 drained = maybeDeferred(self._drain)
                 drained.addCallback(lambda _: self._send({"done": True, "draining": True}))
                 drained.addErrback(lambda f: self._send({"error": f.getErrorMessage()}))
-            elif op in OPERATIONS:
-                ids = self._qmgr.select(request.get("ids"), bool(request.get("all")),
-                                        request.get("sender"))
-                d = self._qmgr.administer(op, ids)
-                d.addCallback(lambda affected: self._send({"done": True, "affected": affected}))
-                d.addErrback(lambda f: self._send({"error": f.getErrorMessage()}))
             else:
-                self._send({"error": f"unknown operation {op!r}"})
+                answer(self._queue, request, self._send)
+        except UnknownRequest as e:
+            self._send({"error": str(e)})
         except Exception as e:  # one bad request never takes the daemon down
             log.failure("control request {op} failed", op=op)
             self._send({"error": str(e)})
@@ -87,9 +74,9 @@ class ControlProtocol(Protocol):
 class ControlFactory(Factory):
     noisy = False
 
-    def __init__(self, qmgr: QueueManager, drain: Callable[[], object] | None = None) -> None:
-        self._qmgr = qmgr
+    def __init__(self, queue: QueueState, drain: Callable[[], object] | None = None) -> None:
+        self._queue = queue
         self._drain = drain
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self._qmgr, self._drain)
+        return ControlProtocol(self._queue, self._drain)

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from twisted.internet.defer import Deferred
 
     from relayd.content import Content
-    from relayd.envelope import DeliveryResult, Envelope, QueuedMessage
+    from relayd.envelope import DeliveryResult, Envelope, QueuedMessage, RecipientResult
 
 
 class ISession(Interface):
@@ -97,6 +99,41 @@ class ISpool(Interface):
 
     def remove(queue_id: str) -> Deferred[None]:
         """Forget a message that has been delivered or bounced; Deferred."""
+
+    def free_space() -> int:
+        """Bytes free for the spool now (cleanup refuses mail below
+        ``min_free_disk``); raises ``OSError`` when that cannot be known."""
+
+
+class IQueueArrival(Interface):
+    """Where a message goes once it is durable in the spool (Postfix: the
+    cleanup -> qmgr notification): the queue manager, which schedules it."""
+
+    def queued(message: QueuedMessage, content: Content | bytes | None) -> None:
+        """``message`` is on disk; ``content`` is what the writer kept of it
+        (small messages), or None to read it back when its turn comes."""
+
+    def __len__() -> int:
+        """How many messages are queued (cleanup's ``max_messages`` check)."""
+
+
+class IBouncer(Interface):
+    """Writes delivery status notifications (RFC 3464) into the queue."""
+
+    def bounce(
+        message: QueuedMessage,
+        failed: Sequence[RecipientResult],
+        content: Content | None,
+        remote: str | None,
+    ) -> Deferred[str]:
+        """Queue a DSN to ``message``'s (non-null) sender for ``failed``.
+
+        :param content: the original's content if at hand, else None (read
+            from the spool).
+        :param remote: the relay that refused (``smtp.x[1.2.3.4]:587``), for
+            the DSN's Remote-MTA, or None.
+        :return: Deferred firing with the DSN's queue id once it is durable.
+        """
 
 
 class ISpoolWriter(Interface):

@@ -8,7 +8,6 @@ things: a file that stops ``run`` also stops ``check-config``.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.logger import Logger
@@ -94,16 +93,3 @@ def check_files(config: Config) -> None:
             route_client_tls(route)
         except ConfigError as e:
             raise ConfigError(config.source, e.key, e.reason) from None
-
-
-def resolve_hostname(configured: str | None) -> str:
-    """The banner and EHLO name: the configured one, else the FQDN."""
-    if configured:
-        return configured
-    name = socket.getfqdn()
-    if name in ("localhost", "localhost.localdomain") or "." not in name:
-        fallback = socket.gethostname()
-        log.warn("hostname: the FQDN is {fqdn!r}; using {name!r} (set server.hostname)",
-                 fqdn=name, name=fallback)
-        return fallback
-    return name

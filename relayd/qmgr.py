@@ -1,11 +1,15 @@
 """The queue manager (Postfix: qmgr): who gets delivered when.
 
-Keeps every queued message's state in memory (the spool is the durable
-copy), hands ready messages to the route's courier with at most
-``concurrency`` attempts in flight per route, and reschedules deferrals with
-the retry schedule through the injected clock.  A courier's verdict is all
-it looks at: per recipient sent, deferred or bounced; or the whole attempt
-transient or permanent.
+Scheduling only: it hands ready messages to the route's courier with at
+most ``concurrency`` attempts in flight per route, keeps a timer for each
+deferred message (the retry schedule, through the injected clock), and
+turns a courier's verdict (per recipient sent, deferred or bounced; or the
+whole attempt transient or permanent) into the message's next state.  The
+messages, their states and the changes to them live in the queue core
+(``relayd.queue.state``), shared with the offline ``relayd queue``
+commands; the queue manager is its ``IAttempts`` (it knows what is in
+flight and schedules what an administrator changed) and the cleanup's
+``IQueueArrival``.
 
 A bounce (RFC 3464 DSN to the envelope sender) is made durable in the spool
 *before* the original's recipients are marked done, so a crash between the
@@ -14,10 +18,9 @@ two can at worst bounce twice, never lose the notice.
 
 from __future__ import annotations
 
-import fnmatch
 import random
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import evolve
@@ -26,9 +29,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from relayd.bounce import build_dsn
 from relayd.content import Content, as_content
+from relayd.dsn import DSNQueue
 from relayd.envelope import (
     BOUNCED,
     DEFERRED,
@@ -36,16 +40,15 @@ from relayd.envelope import (
     EVENT_REPLY,
     SENT,
     DeliveryResult,
-    Envelope,
     Event,
     QueuedMessage,
     QueueId,
     RecipientResult,
-    message_details,
 )
 from relayd.errors import DeliveryError
-from relayd.interfaces import ICourier, IRetryPolicy, ISpool
+from relayd.interfaces import ICourier, IQueueArrival, IRetryPolicy, ISpool
 from relayd.metrics import Metrics
+from relayd.queue.state import IAttempts, QueueState, pending
 
 log = Logger(namespace="relayd.qmgr")
 maillog = Logger(namespace="relayd.mail")
@@ -61,12 +64,6 @@ RECENT_DEFERRALS = 20
 #: Said of bounced recipients whose notification could not be queued: they
 #: stay pending, so their history says deferred.
 NOT_QUEUED = " (the non-delivery notification could not be queued)"
-
-
-def pending(message: QueuedMessage) -> tuple[str, ...]:
-    """The recipients still to be delivered."""
-    done = set(message.done)
-    return tuple(r for r in message.envelope.recipients if r not in done)
 
 
 _TO_LINE = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} delay={delay:.2f} "
@@ -120,6 +117,7 @@ def _events(now: float, route: str, relay: str,
             for (status, reply), rcpts in groups.items()]
 
 
+@implementer(IQueueArrival, IAttempts)
 class QueueManager(Service):
     """Delivers what the spool holds.
 
@@ -150,11 +148,11 @@ class QueueManager(Service):
         self._clock = clock
         self._metrics = metrics
         self._concurrency = dict(concurrency)
-        self._hostname = hostname
-        self._bounce_from = bounce_from or f"MAILER-DAEMON@{hostname}"
         self._jitter = jitter
         self._rng = rng
-        self._messages: dict[QueueId, QueuedMessage] = {}
+        #: The messages and their states (shared with ``relayd queue``).
+        self.state = QueueState(spool, clock, DSNQueue(spool, clock, hostname, bounce_from,
+                                                       arrival=self), attempts=self)
         self._ready: dict[str, deque[tuple[QueuedMessage, Content | None]]] = {}
         self._in_memory = 0
         self._queued_ids: set[QueueId] = set()
@@ -177,12 +175,11 @@ class QueueManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.recovered = self._spool.recover().addCallback(self._recovered)
+        self.recovered = self.state.load().addCallback(self._recovered)
         self.recovered.addErrback(lambda f: log.failure("spool recovery failed", f))
 
     def _recovered(self, messages: list[QueuedMessage]) -> None:
         for message in messages:
-            self._messages[message.queue_id] = message
             if message.held:
                 continue
             self._schedule(message)
@@ -240,11 +237,11 @@ class QueueManager(Service):
     def queued(self, message: QueuedMessage, content: Content | bytes | None) -> None:
         """A new message is durable in the spool: deliver it (``content``:
         what cleanup kept of it, or None to read it back when its turn comes)."""
-        self._messages[message.queue_id] = message
+        self.state.add(message)
         self._make_ready(message, None if content is None else as_content(content))
 
     def __len__(self) -> int:
-        return len(self._messages)
+        return len(self.state)
 
     # -- scheduling --------------------------------------------------------
 
@@ -268,7 +265,7 @@ class QueueManager(Service):
 
     def _timer_fired(self, queue_id: QueueId) -> None:
         self._timers.pop(queue_id, None)
-        message = self._messages.get(queue_id)
+        message = self.state.get(queue_id)
         if message is not None and not message.held:
             self._make_ready(message, None)
 
@@ -293,7 +290,7 @@ class QueueManager(Service):
             self._queued_ids.discard(queued.queue_id)
             if content is not None and content.in_memory:
                 self._in_memory -= content.size
-            message = self._messages.get(queued.queue_id)
+            message = self.state.get(queued.queue_id)
             if message is None or message.held or message.queue_id in self._in_flight:
                 continue
             self._active[route] = self._active.get(route, 0) + 1
@@ -308,8 +305,8 @@ class QueueManager(Service):
             log.failure("{queue_id}: unexpected error in delivery", result,
                         queue_id=message.queue_id)
         request = self._after_attempt.pop(message.queue_id, None)
-        if request is not None and message.queue_id in self._messages:
-            self._administer_one(request, message.queue_id)
+        if request is not None:
+            self.state.apply(request, message.queue_id)
         self._pump(route)
         if not self._in_flight and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -374,7 +371,7 @@ class QueueManager(Service):
             # pending and are tried (and bounced) again later.
             finished = done + tuple(o.recipient for o in bounced) if bounce_queued else done
             waiting = deferred if bounce_queued else deferred + bounced
-            current = evolve(self._messages.get(message.queue_id, message), done=finished)
+            current = evolve(self.state.get(message.queue_id) or message, done=finished)
             # A recipient refused (bounced or deferred) is the route's last
             # error for the status page, though the rest may have gone.
             refused = waiting or bounced
@@ -418,7 +415,7 @@ class QueueManager(Service):
         self._route_status[route] = {
             **self._route_status.get(route, {}), "last_error": now, "last_error_reason": reason,
         }
-        current = self._messages.get(message.queue_id, message)
+        current = self.state.get(message.queue_id) or message
         recipients = pending(current)
         if permanent:
             for rcpt in recipients:
@@ -472,10 +469,10 @@ class QueueManager(Service):
         if self._jitter:
             delay *= 1 + self._jitter * (2 * self._rng() - 1)
         updated = evolve(message, attempts=attempts, next_attempt=now + delay, last_error=reason)
-        self._messages[message.queue_id] = updated
+        d = self.state.save(updated)
         if not updated.held and not self._stopping:
             self._set_timer(message.queue_id, delay)
-        return self._save(updated)
+        return d
 
     def _count(self, route: str, result: str, now: float) -> None:
         """One outcome, in the metrics and in the route's last hour."""
@@ -485,189 +482,48 @@ class QueueManager(Service):
             counts = self._activity[route] = HourCounts()
         counts.add(now, result)
 
-    def _save(self, message: QueuedMessage) -> Deferred[None]:
-        d = self._spool.defer(message)
-        d.addErrback(lambda f: log.failure("{queue_id}: cannot save queue state", f,
-                                           queue_id=message.queue_id))
-        return d
-
     def _forget(self, message: QueuedMessage) -> Deferred[None]:
-        """Every recipient is done: remove the message from the spool."""
-        qid = message.queue_id
-        self._cancel_timer(qid)
-        d = self._spool.remove(qid)
-
-        def removed(_: object) -> None:
-            self._messages.pop(qid, None)
-            maillog.info("{queue_id}: removed", queue_id=qid)
-
-        def not_removed(failure: Failure) -> None:
-            # Done but still on disk: forget it now; a restart would deliver
-            # it again, which the couriers make harmless.
-            self._messages.pop(qid, None)
-            log.failure("{queue_id}: done but not removed from the spool", failure,
-                        queue_id=qid)
-
-        return d.addCallbacks(removed, not_removed)
-
-    # -- bounces -------------------------------------------------------------------
+        """Every recipient is done: no timer, no message."""
+        self._cancel_timer(message.queue_id)
+        return self.state.forget(message)
 
     def _bounce(self, message: QueuedMessage, failed: Sequence[RecipientResult],
                 content: Content | None, remote: str | None = None) -> Deferred[None]:
-        """Queue a DSN for ``failed`` recipients to the envelope sender.
+        """Count the bounce, then have the core queue the DSN."""
+        if failed:
+            self._count(message.envelope.route, BOUNCED, self._clock.seconds())
+        return self.state.bounce(message, failed, content, remote)
 
-        Fires once the DSN is durable (or at once when there is nothing to
-        send); the caller marks the recipients done only after that.
-        """
-        if not failed:
-            return succeed(None)
-        route = message.envelope.route
-        self._count(route, BOUNCED, self._clock.seconds())
-        sender = message.envelope.sender
-        if not sender:
-            maillog.info("{queue_id}: bounce of a bounce not sent (null sender)",
-                         queue_id=message.queue_id)
-            return succeed(None)
-        loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
-        now = self._clock.seconds()
+    # -- IAttempts: what the queue core asks and tells ---------------------------
 
-        def build(data: Content) -> Deferred[None]:
-            dsn = build_dsn(
-                queue_id=message.queue_id, envelope=message.envelope, failed=list(failed),
-                content=data, reporting_mta=self._hostname, bounce_from=self._bounce_from,
-                now=now, remote_mta=_host_of(remote),
-            )
-            envelope = Envelope(sender="", recipients=(sender,), route=route, arrival=now,
-                                listener="bounce", helo=self._hostname,
-                                smtputf8=message.envelope.smtputf8)
-            writer = self._spool.open_message(envelope)
-            writer.write(dsn)
-            d = writer.commit()
+    def in_flight(self, queue_id: QueueId) -> bool:
+        return queue_id in self._in_flight
 
-            def queued(bounce: QueuedMessage) -> None:
-                maillog.info("{queue_id}: sender non-delivery notification: {bounce_id}",
-                             queue_id=message.queue_id, bounce_id=bounce.queue_id)
-                self.queued(bounce, dsn)
+    def after_attempt(self, queue_id: QueueId, op: str) -> None:
+        self._after_attempt[queue_id] = op
 
-            return d.addCallback(queued)
-
-        return loaded.addCallback(build)
-
-    # -- administration (relayd queue ...) ---------------------------------------
-
-    def listing(self) -> Iterator[dict[str, Any]]:
-        """One dict per message, oldest first, for ``relayd queue list``."""
-        for message in sorted(self._messages.values(), key=lambda m: m.envelope.arrival):
-            yield self.entry(message)
-
-    def entry(self, message: QueuedMessage) -> dict[str, Any]:
-        e = message.envelope
-        return {
-            "id": message.queue_id,
-            "state": self.state_of(message),
-            "arrival": e.arrival,
-            "age": self._clock.seconds() - e.arrival,
-            "size": e.size,
-            "sender": e.sender,
-            "recipients": list(pending(message)),
-            "attempts": message.attempts,
-            "next_attempt": message.next_attempt if message.queue_id in self._timers else None,
-            "last_error": message.last_error,
-            "route": e.route,
-            "listener": e.listener,
-        }
-
-    def state_of(self, message: QueuedMessage) -> str:
-        if message.held:
-            return "held"
-        if message.queue_id in self._timers:
-            return "deferred"
-        return "active"
-
-    def describe(self, queue_id: str) -> dict[str, Any] | None:
-        """``relayd queue show``: the listing entry, the rest of the envelope
-        and the message's history."""
-        message = self._messages.get(queue_id)
-        return None if message is None else {**self.entry(message), **message_details(message)}
-
-    def select(self, ids: Sequence[str] | None, everything: bool,
-               sender: str | None) -> list[QueueId]:
-        """The queue ids a bulk request names (``--all``, ``--sender PATTERN``)."""
-        if everything:
-            return list(self._messages)
-        if sender is not None:
-            pattern = sender.lower()
-            return [q for q, m in self._messages.items()
-                    if fnmatch.fnmatchcase(m.envelope.sender.lower(), pattern)]
-        return [str(i) for i in ids or ()]
-
-    def administer(self, op: str, ids: Sequence[QueueId]) -> Deferred[list[QueueId]]:
-        """Apply ``op`` (flush, hold, release, delete, bounce) to each id.
-
-        For a message in mid-delivery, ``hold`` takes effect at once (the
-        attempt in flight finishes; if it defers, the message stays held),
-        and ``delete``/``bounce`` wait until the attempt is over, so a
-        message the smarthost has already taken is not also bounced.
-        """
-        affected: list[QueueId] = []
-        waits = []
-        for qid in ids:
-            if qid not in self._messages:
-                continue
-            affected.append(qid)
-            if qid in self._in_flight and op in ("delete", "bounce"):
-                self._after_attempt[qid] = op
-                continue
-            waits.append(self._administer_one(op, qid))
-        d: Deferred[Any] = succeed(None)
-        for w in waits:
-            d.addCallback(lambda _, w=w: w)  # type: ignore[call-overload]
-        return d.addCallback(lambda _: affected)
-
-    def _administer_one(self, op: str, qid: QueueId) -> Deferred[None]:
-        message = self._messages[qid]
-        maillog.info("{queue_id}: {op} by the administrator", queue_id=qid, op=op)
-        now = self._clock.seconds()
-        if op == "hold":
-            self._cancel_timer(qid)
-            held = evolve(message, held=True).with_events(Event.of(now, "held"))
-            self._messages[qid] = held
-            return self._save(held)
-        if op == "release":
-            released = evolve(message, held=False, next_attempt=0.0).with_events(
-                Event.of(now, "released"))
-            self._messages[qid] = released
-            d = self._save(released)
-            if qid not in self._in_flight:
-                self._make_ready(released, None)
-            return d
-        if op == "flush":
-            if not message.held and qid in self._timers:
-                self._cancel_timer(qid)
-                self._make_ready(message, None)
-            return succeed(None)
-        if op == "delete":
-            return self._forget(message)
-        if op == "bounce":
-            failed = [RecipientResult(r, BOUNCED, "550 5.0.0 message returned by the "
-                                      "administrator") for r in pending(message)]
-            return self._bounce(message, failed, None).addCallback(
-                lambda _: self._forget(message))
-        raise ValueError(f"unknown operation {op!r}")
+    def changed(self, before: QueuedMessage, op: str) -> None:
+        """An administrator changed the message: schedule it as its state
+        says (held or gone: no timer; active: ready now unless in flight;
+        deferred: its timer stands)."""
+        queue_id = before.queue_id
+        if op == "bounce" and pending(before):
+            self._count(before.envelope.route, BOUNCED, self._clock.seconds())
+        message = self.state.get(queue_id)
+        if message is None or message.held:
+            self._cancel_timer(queue_id)
+        elif message.next_attempt <= self._clock.seconds() and queue_id not in self._in_flight:
+            self._cancel_timer(queue_id)
+            self._make_ready(message, None)
 
     # -- views -------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        """Messages by state: active (ready or being tried), deferred, held."""
-        held = sum(1 for m in self._messages.values() if m.held)
-        deferred = len(self._timers)
-        return {"active": len(self._messages) - held - deferred, "deferred": deferred,
-                "held": held}
+        """Messages by state (``relayd.queue.state.state_of``)."""
+        return self.state.counts()
 
     def oldest_age(self) -> float:
-        if not self._messages:
-            return 0.0
-        return self._clock.seconds() - min(m.envelope.arrival for m in self._messages.values())
+        return self.state.oldest_age()
 
     def route_status(self) -> dict[str, dict[str, Any]]:
         """Per route seen so far: last success, last error and its reason,
@@ -691,9 +547,3 @@ class QueueManager(Service):
             self._metrics.queue_messages.labels(state).set(count)
         self._metrics.queue_oldest_age.set(self.oldest_age())
 
-
-def _host_of(relay: str | None) -> str | None:
-    """``smtp.x[1.2.3.4]:587`` -> ``smtp.x``: the Remote-MTA of a DSN."""
-    if not relay or relay.startswith("maildir:"):
-        return None
-    return relay.split("[", 1)[0].rsplit(":", 1)[0] or None

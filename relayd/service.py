@@ -32,6 +32,7 @@ from relayd.config import (
 from relayd.control import ControlFactory
 from relayd.diskio import DiskWriter
 from relayd.errors import ConfigError
+from relayd.hostname import resolve_hostname
 from relayd.interfaces import IAuthBackend
 from relayd.listeners import ListenerService
 from relayd.metrics import Metrics
@@ -40,7 +41,6 @@ from relayd.parts import (
     backend_of,
     check_files,
     make_courier,
-    resolve_hostname,
     server_tls,
 )
 from relayd.qmgr import QueueManager
@@ -84,7 +84,7 @@ class RelayService(MultiService):
         )
         self.cleanup = Cleanup(
             self.spool, self.hostname, reactor,
-            on_queued=self.qmgr.queued, queue_size=self.qmgr.__len__,
+            self.qmgr,
             max_hops=config.server.max_hops,
             max_messages=config.queue.max_messages,
             min_free_disk=config.queue.min_free_disk,
@@ -108,7 +108,7 @@ class RelayService(MultiService):
             service.setServiceParent(self)
             self.listeners.append(service)
         self.control = ListenerService(
-            "control", "", ControlFactory(self.qmgr, self.drain), reactor
+            "control", "", ControlFactory(self.qmgr.state, self.drain), reactor
         )
         self.control.setServiceParent(self)
         self.http: ListenerService | None = None

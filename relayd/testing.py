@@ -33,6 +33,7 @@ from relayd.errors import QueueFull
 from relayd.interfaces import (
     ICourier,
     IMessageReceiver,
+    IQueueArrival,
     ISession,
     ISpool,
     ISpoolWriter,
@@ -51,6 +52,7 @@ __all__ = [
     "LogCapture",
     "MemorySpool",
     "MemorySpoolWriter",
+    "RecordingArrival",
     "RecordingCourier",
     "RecordedMessage",
     "RecordingReceiver",
@@ -505,6 +507,12 @@ class MemorySpool:
     def writable(self) -> bool:
         return self.is_writable
 
+    def free_space(self) -> int:
+        """What the file system of ``directory`` has free (``statvfs``), so
+        cleanup's free-space tests can point it at a real or missing path."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
     def open_message(self, envelope: Envelope) -> MemorySpoolWriter:
         writer = MemorySpoolWriter(self, new_queue_id(self.clock.seconds()), envelope)
         self.writers.append(writer)
@@ -568,6 +576,25 @@ class MemorySpool:
         del self.messages[queue_id]
         del self.contents[queue_id]
         return succeed(None)
+
+
+@implementer(IQueueArrival)
+class RecordingArrival:
+    """An ``IQueueArrival`` that records what cleanup hands over.
+
+    ``arrived``: ``(QueuedMessage, content bytes or None)`` per message;
+    ``size``: what ``len()`` answers (the queue size cleanup checks).
+    """
+
+    def __init__(self) -> None:
+        self.arrived: list[tuple[QueuedMessage, bytes | None]] = []
+        self.size = 0
+
+    def queued(self, message: QueuedMessage, content: Content | bytes | None) -> None:
+        self.arrived.append((message, None if content is None else as_content(content).read()))
+
+    def __len__(self) -> int:
+        return self.size
 
 
 @attrs.define

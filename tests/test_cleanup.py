@@ -31,7 +31,7 @@ from relayd.envelope import QueuedMessage
 from relayd.errors import QueueFull, SMTPReply
 from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
 from relayd.queue.spool import Spool
-from relayd.testing import LogCapture, MemorySpool, failure_of
+from relayd.testing import LogCapture, MemorySpool, RecordingArrival, failure_of
 from relayd.testing import result_of as result
 
 NOW = 1_700_000_000.0
@@ -60,8 +60,11 @@ class Harness:
     cleanup: Cleanup
     spool: Any
     clock: Clock
-    queued: list[tuple[QueuedMessage, bytes | None]]
-    size: list[int]
+    arrival: RecordingArrival
+
+    @property
+    def queued(self) -> list[tuple[QueuedMessage, bytes | None]]:
+        return self.arrival.arrived
 
     def submit(
         self,
@@ -102,13 +105,9 @@ def make(spool: Any = None, clock: Clock | None = None, **kw: Any) -> Harness:
         clock = Clock()
         clock.advance(NOW)
     spool = spool if spool is not None else MemorySpool(clock)
-    queued: list[tuple[QueuedMessage, bytes | None]] = []
-    size = [0]
-    cleanup = Cleanup(
-        spool, HOST, clock, lambda m, c: queued.append((m, None if c is None else c.read())),
-        lambda: size[0], **kw
-    )
-    return Harness(cleanup, spool, clock, queued, size)
+    arrival = RecordingArrival()
+    cleanup = Cleanup(spool, HOST, clock, arrival, **kw)
+    return Harness(cleanup, spool, clock, arrival)
 
 
 @pytest.fixture
@@ -584,11 +583,11 @@ def test_cleanup_property(sample: tuple[list[bytes], bytes, list[bytes]], head: 
 
 
 def test_queue_full() -> None:
-    """queue_size() at max_messages refuses with 452 4.3.1; below it accepts."""
+    """A queue (IQueueArrival's len) at max_messages refuses with 452 4.3.1; below it accepts."""
     cleanup = make(max_messages=3)
-    cleanup.size[0] = 2
+    cleanup.arrival.size = 2
     cleanup.cleanup.check_capacity()
-    cleanup.size[0] = 3
+    cleanup.arrival.size = 3
     with pytest.raises(QueueFull) as e:
         cleanup.cleanup.check_capacity()
     assert (e.value.code, e.value.enhanced) == (452, "4.3.1")

@@ -710,7 +710,7 @@ def test_set_routes_without_a_route_defers_its_messages() -> None:
     message = h.queue()
     assert message.queue_id in h.spool.messages
     assert h.qm.counts()["deferred"] == 1
-    assert "no route named 'default'" in (h.qm.describe(message.queue_id) or {}).get(
+    assert "no route named 'default'" in (h.qm.state.describe(message.queue_id) or {}).get(
         "last_error", "")
 
 
@@ -757,13 +757,13 @@ def test_hold_and_release() -> None:
     h = make(courier=RecordingCourier([TransientDeliveryError("451 busy")]))
     message = h.queue()
     qid = message.queue_id
-    assert fired(h.qm.administer("hold", [qid, "F" * 20])) == [qid]
+    assert fired(h.qm.state.administer("hold", [qid, "F" * 20])) == [qid]
     assert h.spool.messages[qid].held is True
     assert h.qm.counts() == {"active": 0, "deferred": 0, "held": 1}
-    assert h.qm.describe(qid)["state"] == "held"
+    assert h.qm.state.describe(qid)["state"] == "held"
     h.clock.advance(86400)
     assert len(h.courier.attempts) == 1
-    fired(h.qm.administer("release", [qid]))
+    fired(h.qm.state.administer("release", [qid]))
     assert h.tried == [qid, qid]
     assert len(h.spool) == 0
 
@@ -772,7 +772,7 @@ def test_flush_tries_a_deferred_message_now() -> None:
     """flush cancels the back-off: the message is tried at once, and only once."""
     h = make(courier=RecordingCourier([TransientDeliveryError("451 busy")]))
     message = h.queue()
-    assert fired(h.qm.administer("flush", [message.queue_id])) == [message.queue_id]
+    assert fired(h.qm.state.administer("flush", [message.queue_id])) == [message.queue_id]
     assert h.tried == [message.queue_id] * 2
     assert h.clock.getDelayedCalls() == [] and len(h.spool) == 0
 
@@ -781,7 +781,7 @@ def test_delete_waits_for_the_attempt_in_flight() -> None:
     """delete of a message being delivered takes effect after the attempt, without a DSN."""
     h = make(courier=RecordingCourier(hold=True))
     message = h.queue()
-    fired(h.qm.administer("delete", [message.queue_id]))
+    fired(h.qm.state.administer("delete", [message.queue_id]))
     assert message.queue_id in h.spool.messages
     h.courier.fail_pending(TransientDeliveryError("451 busy"))
     assert len(h.spool) == 0 and len(h.qm) == 0
@@ -793,7 +793,7 @@ def test_bounce_by_administrator() -> None:
     """bounce returns a waiting message to its sender with a DSN and removes it."""
     h = make(courier=RecordingCourier([TransientDeliveryError("451 busy")]))
     message = h.queue()
-    fired(h.qm.administer("bounce", [message.queue_id]))
+    fired(h.qm.state.administer("bounce", [message.queue_id]))
     dsn = h.courier.attempts[-1]
     assert dsn.envelope.sender == "" and b"returned by the administrator" in dsn.content
     assert len(h.spool) == 0 and h.clock.getDelayedCalls() == []
@@ -804,15 +804,15 @@ def test_listing_and_select() -> None:
     h = make(courier=RecordingCourier([TransientDeliveryError("451 busy")], hold=True))
     deferred = h.queue(arrival=NOW - 10)
     active = h.queue(arrival=NOW - 20)
-    rows = list(h.qm.listing())
+    rows = list(h.qm.state.listing())
     assert [(r["id"], r["state"]) for r in rows] == [
         (active.queue_id, "active"), (deferred.queue_id, "deferred")]
     assert rows[1]["next_attempt"] == NOW + 60 and rows[1]["last_error"] == "451 busy"
     assert rows[0]["recipients"] == ["r@example.net"] and rows[0]["age"] == 20
-    assert sorted(h.qm.select(None, False, "*@EXAMPLE.org")) == sorted(
+    assert sorted(h.qm.state.select(None, False, "*@EXAMPLE.org")) == sorted(
         [deferred.queue_id, active.queue_id])
-    assert h.qm.select(None, False, "nobody@*") == []
-    assert h.qm.select(["X"], False, None) == ["X"]
+    assert h.qm.state.select(None, False, "nobody@*") == []
+    assert h.qm.state.select(["X"], False, None) == ["X"]
 
 
 def test_release_of_waiting_message_is_not_tried_twice() -> None:
@@ -820,8 +820,8 @@ def test_release_of_waiting_message_is_not_tried_twice() -> None:
     h = make(concurrency=1, courier=RecordingCourier(hold=True))
     first = h.queue()
     waiting = h.queue()
-    fired(h.qm.administer("hold", [waiting.queue_id]))
-    fired(h.qm.administer("release", [waiting.queue_id]))
+    fired(h.qm.state.administer("hold", [waiting.queue_id]))
+    fired(h.qm.state.administer("release", [waiting.queue_id]))
     h.courier.release()
     assert h.tried == [first.queue_id, waiting.queue_id]
     h.courier.fail_pending(TransientDeliveryError("451 busy"))
@@ -832,10 +832,10 @@ def test_hold_during_delivery_keeps_a_deferred_message_held() -> None:
     """hold while an attempt is in flight: if it defers, the message stays held (no retry)."""
     h = make(courier=RecordingCourier(hold=True))
     message = h.queue()
-    fired(h.qm.administer("hold", [message.queue_id]))
+    fired(h.qm.state.administer("hold", [message.queue_id]))
     h.courier.fail_pending(TransientDeliveryError("451 busy"))
     assert h.spool.messages[message.queue_id].held is True
-    assert h.qm.describe(message.queue_id)["state"] == "held"
+    assert h.qm.state.describe(message.queue_id)["state"] == "held"
     assert h.clock.getDelayedCalls() == []
     h.clock.advance(86400)
     assert len(h.courier.attempts) == 1
@@ -845,7 +845,7 @@ def test_hold_during_delivery_that_succeeds_leaves_nothing() -> None:
     """hold while an attempt is in flight that then succeeds: the message is simply gone."""
     h = make(courier=RecordingCourier(hold=True))
     message = h.queue()
-    fired(h.qm.administer("hold", [message.queue_id]))
+    fired(h.qm.state.administer("hold", [message.queue_id]))
     h.courier.release()
     assert len(h.spool) == 0 and len(h.qm) == 0
 
@@ -854,7 +854,7 @@ def test_bounce_during_delivery_waits_and_skips_delivered_message() -> None:
     """bounce of a message in flight waits for the attempt; if it was delivered, no DSN."""
     h = make(courier=RecordingCourier(hold=True))
     message = h.queue()
-    fired(h.qm.administer("bounce", [message.queue_id]))
+    fired(h.qm.state.administer("bounce", [message.queue_id]))
     assert message.queue_id in h.spool.messages
     h.courier.release()
     assert len(h.spool) == 0

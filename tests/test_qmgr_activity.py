@@ -152,7 +152,7 @@ def test_recent_deferral_of_some_recipients_names_them_and_the_relay() -> None:
 
 def history(h: Any, qid: str) -> list[tuple[Any, ...]]:
     return [(e.time, e.event, e.recipients, e.route, e.relay, e.reply)
-            for e in h.qm._messages[qid].history]
+            for e in h.qm.state.get(qid).history]
 
 
 def test_history_of_deferrals_then_delivery() -> None:
@@ -170,7 +170,7 @@ def test_history_of_deferrals_then_delivery() -> None:
     assert history(h, qid) == expected
     assert [(e.time, e.event, e.reply) for e in h.spool.defers[-1].history] == [
         (t, ev, reply) for t, ev, _, _, _, reply in expected]
-    shown = h.qm.describe(qid)
+    shown = h.qm.state.describe(qid)
     assert shown is not None
     assert [e["event"] for e in shown["history"]] == ["received", "deferred", "deferred"]
     received = shown["history"][0]
@@ -207,7 +207,7 @@ def test_history_when_the_bounce_cannot_be_queued() -> None:
     message = h.queue()
     h.spool.fail_commit = OSError(28, "No space left on device")
     h.courier.fail_pending(PermanentDeliveryError("550 5.1.1 no such user"))
-    [event] = h.qm._messages[message.queue_id].history
+    [event] = h.qm.state.get(message.queue_id).history
     assert (event.event, event.reply) == (DEFERRED, "550 5.1.1 no such user" + NOT_QUEUED)
 
 
@@ -215,12 +215,12 @@ def test_history_of_hold_and_release() -> None:
     h = make(courier=RecordingCourier(lambda *a: TransientDeliveryError("451 4.3.0 later")))
     message = h.queue()
     qid = message.queue_id
-    result_of(h.qm.administer("hold", [qid]))
+    result_of(h.qm.state.administer("hold", [qid]))
     h.clock.advance(10)
-    result_of(h.qm.administer("release", [qid]))
-    assert [e.event for e in h.qm._messages[qid].history] == [
+    result_of(h.qm.state.administer("release", [qid]))
+    assert [e.event for e in h.qm.state.get(qid).history] == [
         DEFERRED, "held", "released", DEFERRED]
-    assert h.qm._messages[qid].history[2].time == NOW + 10
+    assert h.qm.state.get(qid).history[2].time == NOW + 10
     assert [e.event for e in h.spool.defers[-1].history] == [
         DEFERRED, "held", "released", DEFERRED]
 
@@ -233,7 +233,7 @@ def test_expired_event_is_recorded_when_the_bounce_fails() -> None:
     message = h.queue()
     h.spool.fail_commit = OSError(28, "No space left on device")
     h.clock.advance(60)
-    events = [e.event for e in h.qm._messages[message.queue_id].history]
+    events = [e.event for e in h.qm.state.get(message.queue_id).history]
     assert events[:3] == [DEFERRED, DEFERRED, "expired"]
 
 
@@ -244,7 +244,7 @@ def test_history_is_bounded_first_event_and_the_last_ones() -> None:
     message = h.queue()
     for _ in range(HISTORY_KEEP + 20):
         h.clock.advance(60)
-    kept = h.qm._messages[message.queue_id]
+    kept = h.qm.state.get(message.queue_id)
     assert len(kept.history) == HISTORY_KEEP + 1
     assert kept.history_omitted == 20
     assert kept.history[0].reply == "451 attempt 1"
@@ -330,4 +330,4 @@ def test_recovered_history_continues(tmp_path: Path) -> None:
         Event.of(NOW - 60, DEFERRED, ["r@example.net"], "default", reply="451 before"))
     h = make(preload=[(old, b"x\r\n")],
              courier=RecordingCourier([TransientDeliveryError("451 after")]))
-    assert [e.reply for e in h.qm._messages[old.queue_id].history] == ["451 before", "451 after"]
+    assert [e.reply for e in h.qm.state.get(old.queue_id).history] == ["451 before", "451 after"]

@@ -252,6 +252,11 @@ class Spool:
             return False
         return os.path.isdir(self.path("messages"))
 
+    def free_space(self) -> int:
+        """Bytes available to an unprivileged writer on the spool's file system."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
     def open_message(self, envelope: Envelope) -> SpoolWriter:
         return SpoolWriter(self, new_queue_id(self._clock.seconds()), envelope)
 
