@@ -19,7 +19,7 @@ two can at worst bounce twice, never lose the notice.
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,7 +59,8 @@ maillog = Logger(namespace="relayd.mail")
 #: bytes, not a count, so a burst of big messages cannot pin its size times
 #: the queue length.
 CONTENT_MEMORY_BUDGET = 8 * 1024 * 1024
-#: Deferrals the status page lists.
+#: Messages the status page lists under recent deferrals (each once, with
+#: its latest deferral and how many attempts it has had).
 RECENT_DEFERRALS = 20
 #: Said of bounced recipients whose notification could not be queued: they
 #: stay pending, so their history says deferred.
@@ -164,7 +165,8 @@ class QueueManager(Service):
         self._route_status: dict[str, dict[str, Any]] = {}
         #: route -> sent/deferred/bounced in the last hour (the status page).
         self._activity: dict[str, HourCounts] = {}
-        self._deferrals: deque[dict[str, Any]] = deque(maxlen=RECENT_DEFERRALS)
+        #: queue id -> its latest deferral, least recently deferred first.
+        self._deferrals: OrderedDict[QueueId, dict[str, Any]] = OrderedDict()
         self.recovered: Deferred[None] | None = None
         self._stopping = False
         #: How long a stop waits for deliveries in flight.
@@ -459,12 +461,17 @@ class QueueManager(Service):
                      relay: str = "") -> Deferred[None]:
         route = message.envelope.route
         self._count(route, DEFERRED, now)
-        self._deferrals.append({
+        attempts = message.attempts + 1
+        # One line per message: a message retried all day must not push
+        # every other deferral off the status page.
+        self._deferrals.pop(message.queue_id, None)
+        self._deferrals[message.queue_id] = {
             "time": now, "queue_id": message.queue_id,
             "recipients": list(pending(message)[:EVENT_RECIPIENTS]), "route": route,
-            "relay": relay, "reason": reason[:EVENT_REPLY],
-        })
-        attempts = message.attempts + 1
+            "relay": relay, "reason": reason[:EVENT_REPLY], "attempts": attempts,
+        }
+        if len(self._deferrals) > RECENT_DEFERRALS:
+            self._deferrals.popitem(last=False)
         delay = self._retry.next_delay(attempts)
         if self._jitter:
             delay *= 1 + self._jitter * (2 * self._rng() - 1)
@@ -539,8 +546,9 @@ class QueueManager(Service):
         return counts.totals(self._clock.seconds())
 
     def recent_deferrals(self) -> list[dict[str, Any]]:
-        """The last :data:`RECENT_DEFERRALS` deferrals, newest first."""
-        return [dict(d) for d in reversed(self._deferrals)]
+        """The latest deferral of each of the last :data:`RECENT_DEFERRALS`
+        messages deferred, newest first."""
+        return [dict(d) for d in reversed(self._deferrals.values())]
 
     def update_metrics(self) -> None:
         for state, count in self.counts().items():

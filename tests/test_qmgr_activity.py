@@ -129,9 +129,25 @@ def test_recent_deferrals_newest_first_and_bounded() -> None:
     assert recent[0] == {
         "time": NOW + RECENT_DEFERRALS + 4, "queue_id": newest.queue_id,
         "recipients": [f"r{RECENT_DEFERRALS + 4}@example.net"], "route": "default",
-        "relay": "", "reason": f"451 4.3.0 busy {newest.queue_id}",
+        "relay": "", "reason": f"451 4.3.0 busy {newest.queue_id}", "attempts": 1,
     }
     assert [d["queue_id"] for d in recent] == [m.queue_id for m in reversed(messages[5:])]
+
+
+def test_recent_deferrals_list_a_retried_message_once() -> None:
+    """A message deferred 17 times is one line (its latest deferral, attempts=17),
+    and does not push the other deferred messages off the list."""
+    h = make(steps=(60.0,), courier=RecordingCourier(
+        lambda qid, env, content: TransientDeliveryError("451 4.3.0 busy")))
+    other = h.queue(recipients=("other@example.net",))
+    h.clock.advance(1)
+    retried = h.queue()
+    for _ in range(16):
+        h.clock.advance(60)
+    recent = h.qm.recent_deferrals()
+    assert [(d["queue_id"], d["attempts"]) for d in recent] == [
+        (retried.queue_id, 17), (other.queue_id, 17)]
+    assert recent[0]["time"] == NOW + 1 + 16 * 60
 
 
 def test_recent_deferral_of_some_recipients_names_them_and_the_relay() -> None:
