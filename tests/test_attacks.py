@@ -183,6 +183,9 @@ def test_smuggling_is_one_message_in_and_out(smuggling_setup, variant: str) -> N
     assert f"Subject: {tag}".encode() in headers, dump
     assert b"Subject: smuggled" not in headers, dump
     assert b"evil@example.org" not in headers and b"victim@example.net" not in headers, dump
+    # NUL is never relayed (listener default nul = "strip"): a next hop that drops
+    # NULs before looking for end-of-data would otherwise see CRLF.CRLF here.
+    assert b"\x00" not in dump, dump
     # Nothing anywhere in the sink was sent by the smuggled envelope.
     for m in sink.messages():
         assert b"X-Mail-Args: <evil@example.org>" not in m, m
@@ -216,6 +219,12 @@ name = "outside"
 listen = "tcp:0:interface=127.0.0.1"
 route = "out"
 mynetworks = ["192.0.2.0/24"]
+
+[[listener]]
+name = "nulreject"
+listen = "tcp:0:interface=127.0.0.1"
+route = "out"
+nul = "reject"
 """
 
 
@@ -358,9 +367,27 @@ def test_nul_in_data_is_not_a_crash(relay: Relay) -> None:
     final = codes[codes.index(354) + 1]
     assert final == 250 or 500 <= final < 600, raw
     bystander.finish()
-    if final == 250:
-        [path] = wait_for(lambda: _delivered_with(relay, "nul-in-body"), what="the NUL message")
-        assert b"a\x00b" in path.read_bytes()
+    assert final == 250, raw  # nul = "strip" is the default
+    [path] = wait_for(lambda: _delivered_with(relay, "nul-in-body"), what="the NUL message")
+    delivered = path.read_bytes()
+    assert b"\x00" not in delivered and b"\r\nab\r\n" in delivered.replace(b"\n", b"\r\n")
+    assert_healthy(relay)
+
+
+def test_nul_reject_listener_refuses_and_goes_on(relay: Relay) -> None:
+    """``nul = "reject"``: the CRLF NUL . CRLF variant is read to the real end of
+    the data, answered 554 5.6.0, and the session takes the next transaction."""
+    before = len(relay.delivered())
+    raw = session(relay.ports["nulreject"], (
+        b"EHLO client.test\r\nMAIL FROM:<app@example.org>\r\nRCPT TO:<user@example.net>\r\n"
+        b"DATA\r\nSubject: refused-nul\r\n\r\nhello\r\n\x00.\r\n" + SMUGGLED
+        + b"\r\n.\r\nMAIL FROM:<app@example.org>\r\nRCPT TO:<user@example.net>\r\n"
+        b"DATA\r\nSubject: after-nul-reject\r\n\r\nfine\r\n.\r\nQUIT\r\n"))
+    assert b"554 5.6.0 Error: NUL character received\r\n" in raw, raw
+    assert len(QUEUED.findall(raw)) == 1 and reply_codes(raw)[-1] == 221, raw
+    wait_for(lambda: _delivered_with(relay, "after-nul-reject"), what="the clean message")
+    assert not _delivered_with(relay, "refused-nul") and not _delivered_with(relay, "smuggled")
+    assert len(relay.delivered()) == before + 1
     assert_healthy(relay)
 
 

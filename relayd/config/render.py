@@ -118,6 +118,7 @@ def render(config: Config) -> str:
         w.set("timeout", toml_string(format_duration(lc.timeout)))
         w.set("route", toml_string(lc.route))
         w.set("bare_newline", toml_string(lc.bare_newline))
+        w.set("nul", toml_string(lc.nul))
         w.maybe("tls_cert", lc.tls_cert, "unset: the [tls] certificate")
         w.maybe("tls_key", lc.tls_key, "unset: the [tls] key")
         w.set("tls_min_version", toml_string(lc.tls_min_version))

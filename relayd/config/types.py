@@ -140,6 +140,7 @@ class ListenerConfig:
     timeout: float = 300.0
     route: str = "default"
     bare_newline: str = "normalize"
+    nul: str = "strip"
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_min_version: str = "1.2"

@@ -22,16 +22,22 @@ class DataReader:
     """Turns the raw bytes after ``354`` into message content.
 
     Content comes out dot-unstuffed and, when ``normalize`` is true, with
-    every bare CR or LF turned into CRLF.  ``bare_newline`` records whether
-    any bare CR or LF was seen, so the caller can refuse the message instead.
+    every bare CR or LF turned into CRLF, and when ``strip_nul`` is true,
+    without NUL bytes.  ``bare_newline`` and ``nul`` record whether any bare
+    CR or LF, or any NUL, was seen, so the caller can refuse the message
+    instead.  NULs go after dot-unstuffing: the line ``NUL .`` was not
+    stuffed by the client and becomes the content line ``.``, which the
+    smarthost client stuffs again (a next hop never sees ``CRLF . CRLF``).
 
     Invariant: ``_pending`` holds only a suffix that could be the start of
     the terminator (so nothing is held for longer than 4 bytes), and
     ``_line_start``/``_after_crlf`` describe the position where it begins.
     """
 
-    def __init__(self, normalize: bool = True) -> None:
+    def __init__(self, normalize: bool = True, strip_nul: bool = False) -> None:
         self._normalize = normalize
+        self._strip_nul = strip_nul
+        self.nul = False
         self._pending = b""
         # DATA's own CRLF precedes the first content byte.
         self._line_start = True
@@ -86,4 +92,8 @@ class DataReader:
             seg = seg[1:]
         if b"\r\n." in seg:
             seg = seg.replace(b"\r\n.", b"\r\n")
+        if b"\0" in seg:
+            self.nul = True
+            if self._strip_nul:
+                seg = seg.replace(b"\0", b"")
         return seg

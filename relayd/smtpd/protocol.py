@@ -486,7 +486,8 @@ class SMTPServerProtocol(SMTPConnection):
             raise SMTPReply(501, "5.5.4", "Syntax: DATA")
         assert self._session is not None
         tx.open(self._f.sink, self._session)
-        self._reader = DataReader(normalize=self._listener.bare_newline == "normalize")
+        self._reader = DataReader(normalize=self._listener.bare_newline == "normalize",
+                                  strip_nul=self._listener.nul == "strip")
         self._mode = DATA
         self._deadline = self._f.clock.callLater(2 * self._listener.timeout, self._timed_out)
         self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
@@ -543,6 +544,8 @@ class SMTPServerProtocol(SMTPConnection):
             behind.addBoth(self._spool_caught_up)
         if self._reader.bare_newline and self._listener.bare_newline == "reject":
             tx.refuse(SMTPReply(554, "5.6.0", "Error: bare <CR> or <LF> received"))
+        if self._reader.nul and self._listener.nul == "reject":
+            tx.refuse(SMTPReply(554, "5.6.0", "Error: NUL character received"))
         if rest is not None:
             self._mode = COMMAND
             if self._deadline is not None and self._deadline.active():
