@@ -10,6 +10,17 @@ profile of the 20-session bench showed ~10% of the reactor thread in
 plain TCP connection can send at once; anything else (TLS, a partial send,
 data already queued, a pull producer that waits for the buffer to drain)
 takes Twisted's path, so ordering and flow control are unchanged.
+
+This is the one module of relayd that reads a private attribute of Twisted,
+and it stays here alone: whether a transport still holds unsent data is
+answered by no public interface (``ITransport``/``IConsumer`` have no
+"buffered bytes" query; ``IReactorFDSet.getWriters()`` builds a list of
+every writing connection, a cost per reply that grows with the connections).  ``FileDescriptor``
+keeps data written but not yet sent in ``_tempDataBuffer`` (appended by
+``write``) and ``dataBuffer[offset:]`` (being sent by ``doWrite``), the same
+in Twisted 22.4 (Debian 12) and 26.x; ``tests/unit/test_netio_twisted_pin.py``
+pins that on both, so a Twisted that changes it fails the tests before it
+can reorder a reply in production.
 """
 
 from __future__ import annotations

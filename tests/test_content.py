@@ -28,9 +28,9 @@ from relayd import qmgr as qmgr_module
 from relayd.bounce import HEADER_READ_LIMIT, build_dsn
 from relayd.content import CHUNK, IN_MEMORY_LIMIT, Content, as_content, has_bare_newline
 from relayd.courier import maildir as maildir_module
-from relayd.courier import smarthost as smarthost_module
 from relayd.courier.maildir import MaildirCourier
 from relayd.courier.smarthost import DotStuffer, dot_stuff
+from relayd.courier.smarthost import dotstuff as smarthost_module
 from relayd.diskio import Batch, InlineDiskWriter, fsync_dir
 from relayd.envelope import BOUNCED, DeliveryResult, Envelope, RecipientResult
 from relayd.errors import PermanentDeliveryError, TransientDeliveryError

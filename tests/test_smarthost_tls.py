@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
 from relayd.config import RouteConfig, Smarthost
 from relayd.errors import ConfigError
@@ -306,7 +307,7 @@ def test_unreadable_tls_files_fail_at_construction(pki, tmp_path):
     # A CA file with several certificates is fine.
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(pki.rogue_ca.read_bytes() + pki.ca.read_bytes())
-    SmarthostCourier(RouteConfig(ca_file=str(bundle), **base), "h", None)
+    SmarthostCourier(RouteConfig(ca_file=str(bundle), **base), "h", None, Clock())
 
 
 # ---------------------------------------------------------------------------
