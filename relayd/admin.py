@@ -239,14 +239,16 @@ def run(config: Config, command: str, ids: list[str], everything: bool, sender: 
             os.close(lock)
 
 
-def drain(config: Config, clock: IReactorTime | None = None) -> None:
-    """Ask the running daemon to drain (``relayd drain``)."""
+def drain(config: Config, clock: IReactorTime | None = None, cancel: bool = False) -> None:
+    """Ask the running daemon to drain (``relayd drain``), or to stop
+    draining (``--cancel``: listen again, readiness back to 200)."""
     spool = _spool(config, clock or _reactor())
     lock = spool.lock()
     if lock is not None:
         os.close(lock)
         raise AdminError("relayd is not running on this spool")
-    list(OnlineQueue(control_socket_address(spool.directory)).request({"op": "drain"}))
+    list(OnlineQueue(control_socket_address(spool.directory)).request(
+        {"op": "drain", "cancel": cancel}))
 
 
 class Channel(Protocol):

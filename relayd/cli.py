@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     drain = sub.add_parser("drain", help="stop accepting mail (readiness 503), keep delivering")
     drain.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+    drain.add_argument("--cancel", action="store_true",
+                       help="undo a drain: listen again, readiness back to 200")
     queue = sub.add_parser("queue", help="list and manage queued mail (mailq/postsuper)")
     queue.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
@@ -135,22 +137,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "queue":
         return _queue(config_option, args)
     if args.command == "drain":
-        return _drain(config_option)
+        return _drain(config_option, args.cancel)
     return _run(config_option, getattr(args, "sub_log_format", None) or args.log_format)
 
 
-def _drain(config_option: str | None) -> int:
+def _drain(config_option: str | None, cancel: bool = False) -> int:
     from relayd.admin import AdminError, drain
     from relayd.tap import load_config
 
     try:
-        drain(load_config(config_option))
+        drain(load_config(config_option), cancel=cancel)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
     except AdminError as e:
         print(f"relayd drain: {e}", file=sys.stderr)
         return 1
+    if cancel:
+        print("relayd is accepting mail again")
+        return 0
     print("relayd is draining: no new SMTP connections; queued mail is still delivered")
     return 0
 

@@ -31,9 +31,11 @@ MAX_REQUEST = 64 * 1024
 class ControlProtocol(Protocol):
     """One admin client: requests in, JSON lines out."""
 
-    def __init__(self, queue: QueueState, drain: Callable[[], object] | None = None) -> None:
+    def __init__(self, queue: QueueState, drain: Callable[[], object] | None = None,
+                 undrain: Callable[[], object] | None = None) -> None:
         self._queue = queue
         self._drain = drain
+        self._undrain = undrain
         self._buf = b""
 
     def dataReceived(self, data: bytes) -> None:
@@ -58,9 +60,11 @@ class ControlProtocol(Protocol):
             self._send({"error": "malformed request"})
             return
         try:
-            if op == "drain" and self._drain is not None:
-                drained = maybeDeferred(self._drain)
-                drained.addCallback(lambda _: self._send({"done": True, "draining": True}))
+            cancel = bool(request.get("cancel"))
+            action = self._undrain if cancel else self._drain
+            if op == "drain" and action is not None:
+                drained = maybeDeferred(action)
+                drained.addCallback(lambda _: self._send({"done": True, "draining": not cancel}))
                 drained.addErrback(lambda f: self._send({"error": f.getErrorMessage()}))
             else:
                 answer(self._queue, request, self._send)
@@ -74,9 +78,11 @@ class ControlProtocol(Protocol):
 class ControlFactory(Factory):
     noisy = False
 
-    def __init__(self, queue: QueueState, drain: Callable[[], object] | None = None) -> None:
+    def __init__(self, queue: QueueState, drain: Callable[[], object] | None = None,
+                 undrain: Callable[[], object] | None = None) -> None:
         self._queue = queue
         self._drain = drain
+        self._undrain = undrain
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self._queue, self._drain)
+        return ControlProtocol(self._queue, self._drain, self._undrain)

@@ -8,6 +8,7 @@ replace while the socket stays bound.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.application.service import Service
@@ -56,6 +57,15 @@ class SwitchFactory(ServerFactory):
         return prefix() if callable(prefix) else type(target).__name__
 
 
+_PORT_ZERO = re.compile(r"^(tcp6?:(?:[^:]*(?<!\\):)*?)(port=)?0(?=:|$)")
+
+
+def same_port(description: str, port: int) -> str:
+    """``tcp:0:interface=127.0.0.1`` -> ``tcp:2525:interface=127.0.0.1``
+    once port 2525 was given: an endpoint bound again is the same one."""
+    return _PORT_ZERO.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{port}", description, 1)
+
+
 class ListenerService(Service):
     """One SMTP (or HTTP) endpoint, bound before privileges are dropped.
 
@@ -76,6 +86,7 @@ class ListenerService(Service):
         self.smtp = smtp
         self.grace = grace
         self.port: Any = None
+        self._bound_port: int | None = None
 
     def switch(self, factory: Any) -> None:
         """New connections go to ``factory`` from now on."""
@@ -85,7 +96,10 @@ class ListenerService(Service):
         super().privilegedStartService()
         if self.port is not None:
             return
-        endpoint = serverFromString(self._reactor, with_backlog(self.description))
+        description = self.description
+        if self._bound_port is not None:
+            description = same_port(description, self._bound_port)
+        endpoint = serverFromString(self._reactor, with_backlog(description))
         outcome: list[Any] = []
         endpoint.listen(self._factory).addBoth(outcome.append)
         if not outcome:
@@ -94,6 +108,7 @@ class ListenerService(Service):
             outcome[0].raiseException()
         self.port = outcome[0]
         address = self.port.getHost()
+        self._bound_port = getattr(address, "port", None)
         log.info("{name} listening on {host}:{port}", name=self.name,
                  host=getattr(address, "host", "?"), port=getattr(address, "port", "?"))
 
@@ -115,6 +130,16 @@ class ListenerService(Service):
         if not waits:
             return None
         return gatherResults(waits, consumeErrors=True)
+
+    def resume(self) -> None:
+        """Listen again after a stop (``relayd drain --cancel``): bind the
+        same address anew (a ``tcp:0`` listener takes back the port it had,
+        not a new one), and let the SMTP factory serve sessions again."""
+        if self.running:
+            return
+        if self.smtp is not None:
+            self.smtp.resume()
+        self.startService()
 
     @property
     def address(self) -> str | None:

@@ -71,7 +71,7 @@ def backend_of(listener: ListenerConfig,
 def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: Any,
                  metrics: Metrics | None = None) -> ICourier:
     if route.maildir is not None:
-        return MaildirCourier(route.maildir, disk, hostname)
+        return MaildirCourier(route.maildir, disk, hostname, clock=reactor)
     return SmarthostCourier(route, hostname, reactor, metrics=metrics)
 
 

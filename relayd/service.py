@@ -108,7 +108,7 @@ class RelayService(MultiService):
             service.setServiceParent(self)
             self.listeners.append(service)
         self.control = ListenerService(
-            "control", "", ControlFactory(self.qmgr.state, self.drain), reactor
+            "control", "", ControlFactory(self.qmgr.state, self.drain, self.undrain), reactor
         )
         self.control.setServiceParent(self)
         self.http: ListenerService | None = None
@@ -296,6 +296,18 @@ class RelayService(MultiService):
         log.info("draining: no new SMTP connections; deliveries go on")
         stops = [svc.stopService() for svc in self.listeners if svc.running]
         return gatherResults([d for d in stops if d is not None], consumeErrors=True)
+
+    def undrain(self) -> None:
+        """``relayd drain --cancel``: listen again and turn readiness back on,
+        without a restart.  A port that cannot be bound again (taken in the
+        meantime) is an error for the caller and the relay stays draining."""
+        if not self.draining:
+            return
+        for svc in self.listeners:
+            svc.resume()
+        self.draining = False
+        log.info("drain cancelled: accepting mail again on {addresses}",
+                 addresses=", ".join(s.address or "-" for s in self.listeners))
 
     def status(self) -> dict[str, Any]:
         """Everything /status (and the page at /) shows."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from relayd import diskio
@@ -115,6 +116,23 @@ def test_flagged_copy_in_cur_counts(tmp_path: Path) -> None:
     os.rename(directory / "new" / NAME, directory / "cur" / f"{NAME}:2,S")
     result(c.deliver(QID, envelope(), CONTENT))
     assert listing(directory) == {"tmp": [], "new": [], "cur": [f"{NAME}:2,S"]}
+
+
+def test_start_time_comes_from_the_injected_clock(tmp_path: Path) -> None:
+    """Only mail older than the process's start (its clock) is looked for in cur/:
+    a courier started before the message arrived writes it, one started after does not."""
+    directory = tmp_path / "m"
+    started_before, started_after = Clock(), Clock()
+    started_before.advance(ARRIVAL - 10)
+    started_after.advance(ARRIVAL + 10)
+    before = MaildirCourier(str(directory), InlineDiskWriter(), "mx.test", clock=started_before)
+    result(before.deliver(QID, envelope(), CONTENT))
+    os.rename(directory / "new" / NAME, directory / "cur" / f"{NAME}:2,S")
+    after = MaildirCourier(str(directory), InlineDiskWriter(), "mx.test", clock=started_after)
+    assert "already delivered" in result(after.deliver(QID, envelope(), CONTENT)).reply
+    assert listing(directory)["new"] == []
+    result(before.deliver(QID, envelope(), CONTENT))
+    assert listing(directory)["new"] == [NAME]
 
 
 def test_different_messages_get_different_files(tmp_path: Path) -> None:

@@ -162,6 +162,39 @@ def test_drain_turns_readiness_off_and_keeps_delivering(relay_factory) -> None:
     assert b"queued before drain" in path.read_bytes()
 
 
+def test_drain_cancel_listens_again_and_turns_readiness_back_on(relay_factory) -> None:
+    """relayd drain --cancel, without a restart: /healthz/ready 200 again, the SMTP
+    port accepts connections again, and mail sent then is delivered."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    relay = relay_factory()
+    url = f"http://127.0.0.1:{relay.ports['http']}/healthz/ready"
+
+    def drain(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "relayd.cli", "drain", "--config",
+                               str(relay.config_path), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    assert drain().returncode == 0
+    try:
+        urllib.request.urlopen(url, timeout=10)
+        raise AssertionError("ready while draining")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", relay.smtp_port)) != 0
+    out = drain("--cancel")
+    assert out.returncode == 0 and "accepting mail again" in out.stdout, out.stderr
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+    send(relay, "app@example.org", "after the drain")
+    [path] = relay.wait_delivered(1)
+    assert b"after the drain" in path.read_bytes()
+    assert drain("--cancel").returncode == 0  # not draining: nothing to undo
+
+
 def test_drain_without_daemon_fails(relay_factory) -> None:
     relay = blocked_relay(relay_factory)
     relay.stop()

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -45,17 +45,22 @@ class MaildirCourier:
 
     :param disk: the ``relayd.diskio`` writer that runs the blocking work;
         deliveries in one batch share the fsync of ``new/``.
+    :param clock: when this process started, for telling a redelivery
+        after a crash; the reactor when not given.
     """
 
     def __init__(self, directory: str, disk: Any, hostname: str | None = None,
-                 started: float | None = None) -> None:
+                 clock: IReactorTime | None = None) -> None:
         self.directory = directory
         self._disk = disk
         self._host = _safe_hostname(hostname or socket.gethostname())
         self._ready = False
         # Messages older than this process may have been delivered by a
         # previous one that crashed before dequeueing them.
-        self._started = time.time() if started is None else started
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+        assert clock is not None
+        self._started = clock.seconds()
 
     @property
     def relay(self) -> str:

@@ -126,6 +126,18 @@ class SMTPServerFactory(ServerFactory):
         self._shutdown_timer = self.clock.callLater(grace, self._cut_off)
         return done
 
+    def resume(self) -> None:
+        """A drain was cancelled: new sessions are served again, sessions
+        still finishing a transaction stay open, and whoever waits for the
+        shutdown is told it is over (nothing is being shut down now)."""
+        self.shutting_down = False
+        timer, self._shutdown_timer = self._shutdown_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        done, self._shutdown_done = self._shutdown_done, None
+        if done is not None:
+            done.callback(None)
+
     def _cut_off(self) -> None:
         if self.sessions:
             log.warn("stopping: {count} SMTP sessions still open after the grace period; "
