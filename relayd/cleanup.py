@@ -3,11 +3,12 @@
 Adds the trace and identity headers a relay owes (``Received:``, and
 ``Message-ID:``/``Date:`` when the client left them out, as printers and
 scripts do and as Gmail then refuses), counts hops to stop mail loops,
-keeps every line within RFC 5322's 998 octets, and streams the result into
-the spool.  One ``CleanupMessage`` per message; the server sees only
-``ISubmissionSink``/``IMessageReceiver``, and cleanup sees only ``ISpool``
-(files, free space) and ``IQueueArrival`` (the queue manager, told about
-each durable message).
+keeps every line within RFC 5322's 998 octets, DKIM-signs (``relayd.dkim``:
+the signatures are reserved at the top and filled in before the commit),
+and streams the result into the spool.  One ``CleanupMessage`` per message;
+the server sees only ``ISubmissionSink``/``IMessageReceiver``, and cleanup
+sees only ``ISpool`` (files, free space) and ``IQueueArrival`` (the queue
+manager, told about each durable message).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayd.content import IN_MEMORY_LIMIT, Content
+from relayd.content import IN_MEMORY_LIMIT, Content, patch_chunks
+from relayd.dkim.signer import MessageSigning, Signer, SigningFailed
 from relayd.envelope import Envelope, QueuedMessage
 from relayd.errors import QueueFull, SMTPReply
 from relayd.interfaces import (
@@ -111,6 +113,7 @@ class Cleanup:
         max_hops: int = 50,
         max_messages: int = 100_000,
         min_free_disk: int = 0,
+        signer: Signer | None = None,
     ) -> None:
         self.spool = spool
         self.hostname = hostname
@@ -119,6 +122,8 @@ class Cleanup:
         self.max_hops = max_hops
         self.max_messages = max_messages
         self.min_free_disk = min_free_disk
+        #: The ``[[dkim]]`` keys in force (replaced on SIGHUP).
+        self.signer = signer or Signer([])
         self._disk_checked = -1.0
         self._disk_ok = True
 
@@ -181,6 +186,10 @@ class CleanupMessage:
         #: What the spool writer said to the last write: None, or a Deferred
         #: while it is behind (handed on to the SMTP server, which stops reading).
         self._behind: Deferred[None] | None = None
+        #: DKIM signing of this message (fed everything after its
+        #: placeholder), and where the placeholder is.
+        self._dkim: MessageSigning | None = None
+        self._dkim_at = 0
 
     def write(self, data: bytes) -> Deferred[None] | None:
         self._behind = None
@@ -226,13 +235,31 @@ class CleanupMessage:
         # read as (broken) header.
         if not section and not rest.startswith(b"\r\n"):
             added.append(b"\r\n")
-        self._emit(b"".join(added), header=True)
+        head = [b"".join(added)]
         if section:
-            self._emit(section, header=True)
+            head.append(section)
             if rest and not rest.startswith(b"\r\n"):
-                self._emit(b"\r\n", header=True)
+                head.append(b"\r\n")
+        # The header section is final here: fix-ups above, and any rewriting
+        # of headers (sender rewriting) belongs before this line, so that
+        # the signatures cover what is spooled and delivered.
+        self._start_signing(b"".join(head))
+        for part in head:
+            self._emit(part, header=True)
         if rest:
             self._emit(rest, header=False)
+
+    def _start_signing(self, header_section: bytes) -> None:
+        """Reserve the DKIM-Signature headers at the top, if the From:
+        domain has keys (``relayd.dkim.signer``: their size is known now,
+        their content once the body has streamed through)."""
+        e = self._envelope
+        self._dkim = self._cleanup.signer.plan(header_section, e.arrival, e.listener)
+        if self._dkim is not None:
+            signing, self._dkim = self._dkim, None
+            self._dkim_at = self._size
+            self._emit(signing.placeholder, header=True)
+            self._dkim = signing
 
     def _received(self) -> bytes:
         s = self._session
@@ -251,6 +278,8 @@ class CleanupMessage:
 
     def _emit(self, data: bytes, header: bool) -> None:
         data, self._column = split_long_lines(data, self._column, header)
+        if self._dkim is not None:
+            self._dkim.update(data)
         self._behind = self._writer.write(data) or self._behind
         self._size += len(data)
         if self._keep is not None:
@@ -268,6 +297,22 @@ class CleanupMessage:
             # The last line must end in CRLF (RFC 5321 §4.1.1.4).
             self._emit(b"\r\n", header=False)
         keep = self._keep
+        if self._dkim is not None:
+            try:
+                signatures = self._dkim.signatures()
+            except SigningFailed as e:
+                # Nothing goes out unsigned and nothing is lost: the client
+                # keeps the message and tries again.
+                maillog.error("{queue_id}: DKIM signing failed: {error}",
+                              queue_id=self._writer.queue_id, error=str(e))
+                self._writer.abort()
+                return fail(SMTPReply(451, "4.3.0", "Error: DKIM signing failed"))
+            self._writer.patch(self._dkim_at, signatures)
+            if keep is not None:
+                patch_chunks(keep, self._dkim_at, signatures)
+            maillog.info("{queue_id}: DKIM-Signature added ({keys})",
+                         queue_id=self._writer.queue_id,
+                         keys=", ".join(f"d={k.domain} s={k.selector}" for k in self._dkim.keys))
         d = self._writer.commit()
 
         def queued(message: QueuedMessage) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import attrs
 
-__all__ = ["CHUNK", "IN_MEMORY_LIMIT", "Content", "as_content"]
+__all__ = ["CHUNK", "IN_MEMORY_LIMIT", "Content", "as_content", "patch_chunks"]
 
 #: Size of one read of a file region.
 CHUNK = 64 * 1024
@@ -124,3 +124,22 @@ def has_bare_newline(data: bytes) -> bool:
     which matters to every chunk of DATA the server reads."""
     rest = data.replace(b"\r\n", b"")
     return b"\r" in rest or b"\n" in rest
+
+
+def patch_chunks(chunks: list[bytes], offset: int, data: bytes) -> None:
+    """Overwrite ``len(data)`` bytes at ``offset`` of the content that
+    ``chunks`` holds in order, in place (the chunks that overlap are
+    replaced): space reserved early and filled at the end, as DKIM
+    signatures are (see ``ISpoolWriter.patch``)."""
+    end = offset + len(data)
+    pos = 0
+    for i, chunk in enumerate(chunks):
+        stop = pos + len(chunk)
+        if stop > offset and pos < end:
+            lo, hi = max(offset, pos), min(end, stop)
+            chunks[i] = chunk[: lo - pos] + data[lo - offset : hi - offset] + chunk[hi - pos :]
+        pos = stop
+        if pos >= end:
+            return
+    if pos < end:
+        raise ValueError(f"patch of {offset}..{end} beyond the {pos} bytes written")

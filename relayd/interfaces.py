@@ -145,6 +145,12 @@ class ISpoolWriter(Interface):
 
     queue_id = Attribute("The message's queue id, fixed when writing starts.")
 
+    def patch(offset: int, data: bytes) -> None:
+        """Overwrite content written earlier (``offset`` from its start),
+        before ``commit``: cleanup reserves the DKIM-Signature headers at the
+        top and fills them in once the body hash is known, so a signed
+        message streams to disk like any other."""
+
     def commit() -> Deferred[QueuedMessage]:
         """Deferred firing with the ``QueuedMessage`` once it is durable."""
 

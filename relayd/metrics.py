@@ -134,6 +134,12 @@ class Metrics:
             "other handshake error)",
             ["route", "result"], registry=r,
         )
+        self.dkim_signatures = Counter(
+            "relayd_dkim_signatures",
+            "DKIM signatures added by cleanup, by signing domain, selector and result (signed, "
+            "error: the message was refused with 451 4.3.0 and the client retries)",
+            ["domain", "selector", "result"], registry=r,
+        )
         self.message_size = Histogram(
             "relayd_message_size_bytes",
             "size of each accepted message as the client sent it in DATA (after "

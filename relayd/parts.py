@@ -1,5 +1,6 @@
 """The relay's parts built from a :class:`Config`: certificates, auth
-backends, couriers, and the checks that read every file a config names.
+backends, couriers, DKIM keys, and the checks that read every file a config
+names.
 
 Shared by the start (:mod:`relayd.service`), a reload (:mod:`relayd.reload`)
 and ``relayd check-config``, so the three build and check exactly the same
@@ -16,6 +17,8 @@ from relayd.config import Config, ListenerConfig, RouteConfig
 from relayd.courier.maildir import MaildirCourier
 from relayd.courier.smarthost import SmarthostCourier
 from relayd.diskio import DiskWriter
+from relayd.dkim.keys import KeyProblem, load_key
+from relayd.dkim.signer import DomainKey, Signer
 from relayd.errors import ConfigError
 from relayd.interfaces import IAuthBackend, ICourier
 from relayd.metrics import Metrics
@@ -84,7 +87,7 @@ def stop_courier(courier: ICourier) -> Any:
 
 
 def check_files(config: Config) -> None:
-    """Read what the config points at (TLS certificates, CA files) now, so a
+    """Read what the config points at (TLS certificates, CA files, DKIM keys) now, so a
     missing or broken file is a config error before anything listens."""
     for listener in config.listeners:
         server_tls(config, listener)
@@ -93,3 +96,25 @@ def check_files(config: Config) -> None:
             route_client_tls(route)
         except ConfigError as e:
             raise ConfigError(config.source, e.key, e.reason) from None
+    dkim_signer(config)
+
+
+def dkim_signer(config: Config, metrics: Metrics | None = None) -> Signer:
+    """The ``[[dkim]]`` keys, read and checked now: a key that cannot sign
+    is ``FILE: dkim[N].key_file: reason`` at start, reload and check-config."""
+    keys = []
+    for i, entry in enumerate(config.dkim):
+        try:
+            key = load_key(entry.key_file)
+        except KeyProblem as e:
+            raise ConfigError(config.source, f"dkim[{i}].key_file", str(e)) from None
+        keys.append(DomainKey(entry.domain, entry.selector, key))
+    count = None
+    if metrics is not None:
+        counter = metrics.dkim_signatures
+
+        def count(domain: str, selector: str, result: str) -> None:
+            counter.labels(domain, selector, result).inc()
+
+    return Signer(keys, count, frozenset(x.name for x in config.listeners if not x.dkim))
+

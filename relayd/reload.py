@@ -1,7 +1,7 @@
 """A reload (SIGHUP) in two steps, so a failure changes nothing.
 
 :meth:`ReloadPlan.prepare` builds every new part (certificates, auth
-backends, couriers, newly bound ports) beside the running relay;
+backends, DKIM keys, couriers, newly bound ports) beside the running relay;
 :meth:`ReloadPlan.commit` swaps them in.  The plan sees the relay only
 through :class:`Relay`, the public face of :class:`relayd.service.RelayService`
 that a reload needs, so the service's internals can change freely.
@@ -14,13 +14,15 @@ from typing import Any, Protocol, cast
 from twisted.application.service import IServiceCollection
 from twisted.logger import Logger
 
+from relayd.cleanup import Cleanup
 from relayd.config import Config, ListenerConfig
 from relayd.diskio import DiskWriter
+from relayd.dkim.signer import Signer
 from relayd.errors import ConfigError
 from relayd.interfaces import IAuthBackend, ICourier
 from relayd.listeners import ListenerService
 from relayd.metrics import Metrics
-from relayd.parts import auth_backends, backend_of, make_courier, server_tls
+from relayd.parts import auth_backends, backend_of, dkim_signer, make_courier, server_tls
 from relayd.qmgr import QueueManager
 from relayd.smtpd.factory import SMTPServerFactory
 from relayd.tls import ServerTLS, server_tls_files
@@ -37,6 +39,7 @@ class Relay(Protocol):
     disk: DiskWriter
     metrics: Metrics
     qmgr: QueueManager
+    cleanup: Cleanup
     #: listener name -> its reloadable certificate (TLS listeners only).
     server_tls: dict[str, ServerTLS]
     auth_backends: dict[str, IAuthBackend]
@@ -71,6 +74,7 @@ class ReloadPlan:
         self.kept: dict[str, ListenerService] = {}
         self.added: dict[str, ListenerService] = {}
         self.new_routes: list[str] = []
+        self.signer: Signer | None = None
 
     @classmethod
     def prepare(cls, relay: Relay, new: Config) -> ReloadPlan:
@@ -97,6 +101,8 @@ class ReloadPlan:
                 tls = server_tls(new, listener)
                 if tls is not None:
                     self.tls[listener.name] = tls
+        # DKIM keys are reread: a key file that cannot sign refuses the reload.
+        self.signer = dkim_signer(new, relay.metrics)
         # Auth backends are always made anew: that rereads their files now,
         # and a file that has become unreadable refuses the reload.
         self.backends = auth_backends(new, relay.reactor)
@@ -143,6 +149,9 @@ class ReloadPlan:
         for name in set(relay.server_tls) - set(self.tls):
             relay.metrics.tls_certificate_expiry.remove(name)
         relay.server_tls = dict(self.tls)
+
+        assert self.signer is not None
+        relay.cleanup.signer = self.signer
 
         retired_backends = list(relay.auth_backends.values())
         relay.auth_backends = self.backends

@@ -40,6 +40,7 @@ from relayd.parts import (
     auth_backends,
     backend_of,
     check_files,
+    dkim_signer,
     make_courier,
     server_tls,
 )
@@ -88,6 +89,7 @@ class RelayService(MultiService):
             max_hops=config.server.max_hops,
             max_messages=config.queue.max_messages,
             min_free_disk=config.queue.min_free_disk,
+            signer=dkim_signer(config, self.metrics),
         )
         self.qmgr.setServiceParent(self)
         self.listeners: list[ListenerService] = []

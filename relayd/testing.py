@@ -27,7 +27,7 @@ from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from relayd.config import ListenerConfig, parse
-from relayd.content import Content, as_content
+from relayd.content import Content, as_content, patch_chunks
 from relayd.envelope import DeliveryResult, Envelope, QueuedMessage, QueueId, new_queue_id
 from relayd.errors import QueueFull
 from relayd.interfaces import (
@@ -427,6 +427,10 @@ class MemorySpoolWriter:
         assert self.state == "open", f"write() after {self.state}"
         assert isinstance(data, bytes), f"write() of {type(data).__name__}"
         self.chunks.append(data)
+
+    def patch(self, offset: int, data: bytes) -> None:
+        assert self.state == "open", f"patch() after {self.state}"
+        patch_chunks(self.chunks, offset, data)
 
     def commit(self) -> Deferred[QueuedMessage]:
         assert self.state == "open", f"commit() after {self.state}"

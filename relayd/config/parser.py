@@ -13,6 +13,7 @@ of the first delivery.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +43,7 @@ from relayd.config.fields import (
 from relayd.config.types import (
     DEFAULT_HTTP_ENDPOINT,
     Config,
+    DkimConfig,
     Endpoint,
     HTTPConfig,
     Limits,
@@ -78,7 +80,8 @@ route = "outbox"
 maildir = "relayd-data/outbox"
 """
 
-_TOP_KEYS = ("server", "tls", "http", "queue", "limits", "listener", "auth", "route")
+_TOP_KEYS = ("server", "tls", "http", "queue", "limits", "listener", "auth", "route", "dkim")
+_DKIM_KEYS = ("domain", "selector", "key_file")
 _SERVER_KEYS = ("hostname", "spool", "log_format", "max_hops", "bounce_from", "stop_timeout")
 _TLS_KEYS = ("cert", "key")
 _HTTP_KEYS = ("listen",)
@@ -115,6 +118,7 @@ _LISTENER_KEYS = (
     "plaintext_auth",
     "proxy_protocol",
     "proxy_trusted",
+    "dkim",
     *_LIMIT_KEYS,
 )
 
@@ -304,7 +308,43 @@ def _listener(
         proxy_protocol=proxy_protocol,
         proxy_trusted=proxy_trusted,
         limits=_limits(t, limits),
+        dkim=t.get("dkim", _bool, d.dkim),
     )
+
+
+_SELECTOR_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+
+
+def _selector(value: object, source: str, key: str) -> str:
+    """A DKIM selector: DNS labels (RFC 6376 §3.1), digits alone allowed."""
+    text = _string(value, source, key)
+    if not _SELECTOR_RE.match(text):
+        raise ConfigError(source, key, f"{toml_string(text)} is not a selector (DNS labels: "
+                                       'letters, digits and hyphens, like "s2026")')
+    return text
+
+
+def _dkim(source: str, data: object) -> tuple[DkimConfig, ...]:
+    """``[[dkim]]``: domain, selector and key file of each signature."""
+    if not isinstance(data, list):
+        raise ConfigError(source, "dkim", "must be an array of tables: write [[dkim]], not [dkim]")
+    entries: list[DkimConfig] = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise ConfigError(source, f"dkim[{i}]", f"must be a table, not {type_name(item)}")
+        t = _Table(source, f"dkim[{i}]", item, _DKIM_KEYS)
+        entry = DkimConfig(
+            domain=t.required("domain", _hostname).rstrip(".").lower(),
+            selector=t.required("selector", _selector).lower(),
+            key_file=t.required("key_file", _string),
+        )
+        for j, other in enumerate(entries):
+            if (other.domain, other.selector) == (entry.domain, entry.selector):
+                raise t.error("selector", f"{toml_string(entry.selector)} is already used for "
+                                          f"{toml_string(entry.domain)} by dkim[{j}]")
+        entries.append(entry)
+    return tuple(entries)
 
 
 def _validate(text: str, source: str) -> Config:
@@ -341,6 +381,7 @@ def _validate(text: str, source: str) -> Config:
     listeners = tuple(
         _listener(source, i, item, tls is not None, limits) for i, item in enumerate(raw_listeners)
     )
+    dkim = _dkim(source, data.get("dkim", []))
 
     seen: dict[str, int] = {}
     for i, listener in enumerate(listeners):
@@ -390,6 +431,7 @@ def _validate(text: str, source: str) -> Config:
         listeners=listeners,
         auth=auth,
         routes=routes,
+        dkim=dkim,
     )
 
 

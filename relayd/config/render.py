@@ -125,6 +125,7 @@ def render(config: Config) -> str:
         w.set("plaintext_auth", _fmt_bool(lc.plaintext_auth))
         w.set("proxy_protocol", _fmt_bool(lc.proxy_protocol))
         w.set("proxy_trusted", _fmt_strings(lc.proxy_trusted))
+        w.set("dkim", _fmt_bool(lc.dkim))
         _write_limits(w, lc.limits)
 
     for name, ab in config.auth.items():
@@ -169,6 +170,12 @@ def render(config: Config) -> str:
         else:
             w.set("max_rate", format_rate(rc.max_rate))
         w.set("soft_bounce", _fmt_bool(rc.soft_bounce))
+
+    for entry in config.dkim:
+        w.section("[[dkim]]")
+        w.set("domain", toml_string(entry.domain))
+        w.set("selector", toml_string(entry.selector))
+        w.set("key_file", toml_string(entry.key_file))
 
     return "\n".join(w.lines) + "\n"
 

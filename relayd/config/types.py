@@ -148,6 +148,7 @@ class ListenerConfig:
     proxy_protocol: bool = False
     proxy_trusted: tuple[Network, ...] = ()
     limits: Limits = field(factory=Limits)
+    dkim: bool = True
 
 
 @frozen
@@ -201,6 +202,19 @@ class RouteConfig:
 
 
 @frozen
+class DkimConfig:
+    """One ``[[dkim]]`` entry: mail whose From: domain is ``domain`` gets a
+    signature with this selector and key (two entries for one domain: dual
+    RSA + Ed25519 signatures, or a rotation).  The key file is read and
+    checked where the signer is built (``relayd.parts``), by ``run`` and
+    ``check-config`` alike."""
+
+    domain: str
+    selector: str
+    key_file: str
+
+
+@frozen
 class Config:
     """The whole validated configuration; ``source`` is where it came from so
     later messages (reload, check-config) can name the file."""
@@ -214,6 +228,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     auth: dict[str, AuthBackendConfig] = field(factory=dict)
     routes: dict[str, RouteConfig] = field(factory=dict)
+    dkim: tuple[DkimConfig, ...] = ()
 
 
 #: What a reload (SIGHUP) cannot change in a running relay: the spool is

@@ -143,19 +143,24 @@ class Signer:
 
     :param count: told ``(domain, selector, result)`` for every signature
         made (``signed``) or not (``error``): the metric.
+    :param unsigned_listeners: listeners with ``dkim = false`` (mail that
+        only passes through).
     """
 
-    def __init__(self, keys: Sequence[DomainKey], count: Count | None = None) -> None:
+    def __init__(self, keys: Sequence[DomainKey], count: Count | None = None,
+                 unsigned_listeners: frozenset[str] = frozenset()) -> None:
+        self.unsigned_listeners = unsigned_listeners
         self.by_domain: dict[str, list[DomainKey]] = {}
         for entry in keys:
             self.by_domain.setdefault(_domain(entry.domain), []).append(entry)
         self.count = count or (lambda domain, selector, result: None)
 
-    def plan(self, header_block: bytes, now: float) -> MessageSigning | None:
+    def plan(self, header_block: bytes, now: float, listener: str = "") -> MessageSigning | None:
         """Signing for a message with this header section (the one that will
         be spooled, after every fix-up), or None when no key is for its
-        From: domain (a subdomain is another domain)."""
-        if not self.by_domain:
+        From: domain (a subdomain is another domain) or its listener does
+        not sign."""
+        if not self.by_domain or listener in self.unsigned_listeners:
             return None
         fields = header_fields(header_block)
         domain = _from_domain(fields)

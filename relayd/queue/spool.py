@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relayd.content import IN_MEMORY_LIMIT, Content
+from relayd.content import IN_MEMORY_LIMIT, Content, patch_chunks
 from relayd.diskio import Batch, InlineDiskWriter, fsync_dir, write_all
 from relayd.envelope import Envelope, Event, QueuedMessage, QueueId, is_queue_id, new_queue_id
 from relayd.interfaces import ISpool, ISpoolWriter
@@ -86,6 +86,7 @@ class SpoolWriter:
         self.queue_id = queue_id
         self._envelope = envelope
         self._chunks: list[bytes] = [_header(queue_id, envelope)]
+        self._content_start = len(self._chunks[0])
         self._held = 0
         self._size = 0
         self._spilled = False
@@ -143,6 +144,38 @@ class SpoolWriter:
         if self._drained is not None and self._backlog <= MAX_BACKLOG // 2:
             drained, self._drained = self._drained, None
             drained.callback(None)
+
+    def patch(self, offset: int, data: bytes) -> None:
+        """Overwrite content written earlier: in memory if it is still held,
+        else in the tmp file by a disk job (jobs run in order: the commit
+        that follows sees it)."""
+        on_disk = self._size - self._held
+        if offset + len(data) > self._size:
+            raise ValueError(f"patch beyond the {self._size} bytes written")
+        if offset >= on_disk:
+            # Before the first spill the envelope line is chunk 0.
+            skip = 0 if self._spilled else self._content_start
+            patch_chunks(self._chunks, skip + offset - on_disk, data)
+            return
+        split = min(len(data), on_disk - offset)
+        if split < len(data):
+            self.patch(offset + split, data[split:])
+        where, data = self._content_start + offset, data[:split]
+        tmp = self._tmp
+
+        def pwrite(batch: Batch) -> None:
+            if self._error is not None:
+                return
+            try:
+                fd = os.open(tmp, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data, where)
+                finally:
+                    os.close(fd)
+            except BaseException as e:
+                self._error = e
+
+        self._spool.disk.submit(pwrite)
 
     def commit(self) -> Deferred[QueuedMessage]:
         """Make the message durable; fires with its ``QueuedMessage``.
