@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-import attrs
 import pytest
 from twisted.internet.task import Clock
-from zope.interface import implementer
 
 from relayd.cleanup import Cleanup
 from relayd.diskio import InlineDiskWriter
 from relayd.dkim.keys import SigningKey, load_key
 from relayd.dkim.signer import DomainKey, Signer
 from relayd.errors import SMTPReply
-from relayd.interfaces import ISession
 from relayd.queue.spool import SPILL_THRESHOLD, Spool
 from relayd.testing import LogCapture, MemorySpool, failure_of
 from relayd.testing import result_of as result
 from tests.dkimtools import dkimpy_results, keygen
 
 NOW = 1_700_000_000.0
-
-
-@implementer(ISession)
-@attrs.define
-class Session:
-    listener: str = "mta"
-    client_address: str = "192.0.2.1"
-    route: str = "default"
-    helo: str = "client.example"
-    user: str | None = None
-    protocol: str = "ESMTP"
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +38,9 @@ def cleanup(spool: Any, signer: Signer, clock: Clock, kept: list[Any]) -> Cleanu
 
 
 def submit(c: Cleanup, content: bytes, step: int = 1000, listener: str = "mta") -> Any:
-    message = c.open_message(Session(listener=listener), "a@example.org", ("b@example.net",),
-                             False, None)
+    session = SimpleNamespace(listener=listener, client_address="192.0.2.1", route="default",
+                              helo="client.example", user=None, protocol="ESMTP")
+    message = c.open_message(session, "a@example.org", ("b@example.net",), False, None)
     for i in range(0, len(content), step):
         message.write(content[i : i + step])
     return message.finish()
