@@ -10,12 +10,13 @@ import pytest
 from twisted.internet.task import Clock
 
 from relayd.cleanup import Cleanup
+from relayd.content import as_content
 from relayd.diskio import InlineDiskWriter
 from relayd.dkim.keys import SigningKey, load_key
 from relayd.dkim.signer import DomainKey, Signer
 from relayd.errors import SMTPReply
 from relayd.queue.spool import SPILL_THRESHOLD, Spool
-from relayd.testing import LogCapture, MemorySpool, failure_of
+from relayd.testing import LogCapture, MemorySpool, RecordingArrival, failure_of
 from relayd.testing import result_of as result
 from tests.dkimtools import dkimpy_results, keygen
 
@@ -32,9 +33,19 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "zone": [rsa_line, ed_line]}
 
 
+class Kept(RecordingArrival):
+    """The content cleanup hands the queue manager, as a list."""
+
+    def __init__(self, kept: list[Any]) -> None:
+        super().__init__()
+        self.kept = kept
+
+    def queued(self, message: Any, content: Any) -> None:
+        self.kept.append(None if content is None else as_content(content).read())
+
+
 def cleanup(spool: Any, signer: Signer, clock: Clock, kept: list[Any]) -> Cleanup:
-    return Cleanup(spool, "relay.test", clock, lambda m, c: kept.append(c), lambda: 0,
-                   signer=signer)
+    return Cleanup(spool, "relay.test", clock, Kept(kept), signer=signer)
 
 
 def submit(c: Cleanup, content: bytes, step: int = 1000, listener: str = "mta") -> Any:
@@ -67,7 +78,7 @@ def test_memory_spool_content_is_signed_once_at_the_top(keys) -> None:
     # Message-ID and Date added by cleanup are signed too.
     assert b"h=message-id:date:from:to:subject:from;" in content.replace(b"\r\n\t", b"")
     assert dkimpy_results(content, keys["zone"]) == [True, True]
-    assert kept[0].read() == content  # what the queue manager is handed
+    assert kept[0] == content  # what the queue manager is handed
     assert any(f"{queue_id}: DKIM-Signature added (d=example.org s=rsa1, d=example.org s=ed1)"
                in line for line in log.lines)
 
