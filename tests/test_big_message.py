@@ -27,12 +27,14 @@ RSS_BUDGET = 10 * MB
 _RECEIVED = re.compile(rb"\AReceived: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*\Z")
 
 
-def smarthost_relay(relay_factory, port: int) -> Relay:
-    """A relay whose route goes to 127.0.0.1:port without TLS, taking 64 MB messages."""
+def smarthost_relay(relay_factory, port: int, extra: str = "") -> Relay:
+    """A relay whose route goes to 127.0.0.1:port without TLS, taking 64 MB messages
+    (``extra``: more config, e.g. ``[[dkim]]`` tables)."""
     listener = 'max_message_size = "64MB"'
     queue = 'retry = ["1h"]'
     relay = relay_factory(start=False, listener_extra=listener, queue=queue)
-    text = config_text(relay.spool, relay.outbox, listener_extra=listener, queue=queue).replace(
+    text = config_text(relay.spool, relay.outbox, listener_extra=listener, queue=queue,
+                       extra=extra).replace(
         f'[route.outbox]\nmaildir = "{relay.outbox}"\n',
         f'[route.outbox]\nsmarthost = ["127.0.0.1:{port}"]\ntls = "none"\n',
     )
