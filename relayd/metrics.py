@@ -71,8 +71,9 @@ class Metrics:
             ["listener"], registry=r,
         )
         self.smtp_rejects = Counter(
-            "relayd_smtp_rejects", "4xx and 5xx replies sent to SMTP clients",
-            ["listener", "code"], registry=r,
+            "relayd_smtp_rejects",
+            "4xx and 5xx replies sent to SMTP clients (status: the enhanced status code)",
+            ["listener", "code", "status"], registry=r,
         )
         self.queue_messages = Gauge(
             "relayd_queue_messages", "messages in the spool by state", ["state"], registry=r

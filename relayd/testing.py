@@ -336,9 +336,15 @@ def smtp_server(
 
 
 def sample(metrics: Metrics, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """A metric's current value, 0.0 when the series does not exist yet."""
-    value = metrics.registry.get_sample_value(name, dict(labels or {}))
-    return 0.0 if value is None else value
+    """A metric's current value, 0.0 when the series does not exist yet;
+    with some labels only, the sum over the series that have them."""
+    want = dict(labels or {})
+    total = 0.0
+    for family in metrics.registry.collect():
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                total += s.value
+    return total
 
 
 

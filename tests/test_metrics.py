@@ -73,7 +73,7 @@ def test_labels_are_the_documented_ones() -> None:
     m = Metrics()
     labels = {
         m.smtp_connections: ("listener",),
-        m.smtp_rejects: ("listener", "code"),
+        m.smtp_rejects: ("listener", "code", "status"),
         m.auth_attempts: ("listener", "result"),
         m.auth_failures: ("listener", "reason"),
         m.tls_handshakes: ("listener", "result"),

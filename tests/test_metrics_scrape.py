@@ -285,13 +285,13 @@ def test_metrics_after_a_scripted_mix_of_traffic(relay: tuple[Relay, Any]) -> No
     assert series(m, "relayd_messages_received_total", "listener") == {
         ("mta",): 3, ("submission",): 1, ("smtps",): 1,
     }
-    assert series(m, "relayd_smtp_rejects_total", "listener", "code") == {
-        ("outside", "550"): 1,  # relay access denied
-        ("outside", "535"): 1,
-        ("outside", "421"): 2,  # AUTH while blocked, then the next connection
-        ("submission", "530"): 1,  # AUTH before STARTTLS
-        ("submission", "535"): 2,
-        ("submission", "504"): 1,
+    assert series(m, "relayd_smtp_rejects_total", "listener", "code", "status") == {
+        ("outside", "550", "5.7.1"): 1,  # relay access denied
+        ("outside", "535", "5.7.8"): 1,
+        ("outside", "421", "4.7.0"): 2,  # AUTH while blocked, then the next connection
+        ("submission", "530", "5.7.0"): 1,  # AUTH before STARTTLS
+        ("submission", "535", "5.7.8"): 2,
+        ("submission", "504", "5.5.4"): 1,
     }
     assert series(m, "relayd_auth_attempts_total", "listener", "result") == {
         ("outside", "failure"): 1,

@@ -90,6 +90,16 @@ class SMTPConnection(Protocol):
     def _close_if_idle(self) -> None:
         """Called while stopping, whenever the session may be idle."""
 
+    def _rejected(self, code: int, enhanced: str | None, text: str) -> None:
+        """A refusal is about to be answered: count and log it."""
+        raise NotImplementedError
+
+    def _refuse(self, code: int, enhanced: str, text: str) -> None:
+        """Refuse and close (421 on policy: too many errors, connections...)."""
+        if self._mode != CLOSING:
+            self._rejected(code, enhanced, text)
+        self._close(code, enhanced, text)
+
     @property
     def _t(self) -> Any:
         """The transport, with the producer/TLS methods ITransport does not name."""
@@ -250,11 +260,11 @@ class SMTPConnection(Protocol):
     def error_reply(self, code: int, enhanced: str, text: str) -> None:
         """A 4xx/5xx: counted, and too many of them end the session
         (Postfix smtpd_hard_error_limit)."""
-        self._f.metrics.smtp_rejects.labels(self._listener.name, str(code)).inc()
+        self._rejected(code, enhanced, text)
         self.reply(code, enhanced, text)
         self._count_error()
 
     def _count_error(self) -> None:
         self._errors += 1
         if self._errors >= self._listener.limits.max_errors_per_session:
-            self._close(421, "4.7.0", f"{self._f.hostname} Error: too many errors")
+            self._refuse(421, "4.7.0", f"{self._f.hostname} Error: too many errors")

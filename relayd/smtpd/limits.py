@@ -11,7 +11,6 @@ brute-force block).  Postfix's anvil service plays this part there.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from relayd.config import Limits
 from relayd.errors import SMTPReply
@@ -19,8 +18,6 @@ from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.ratelimit import MessageRateLimiter
 
 __all__ = ["ClientLimits"]
-
-maillog = Logger(namespace="relayd.mail")
 
 
 class ClientLimits:
@@ -81,15 +78,10 @@ class ClientLimits:
         else:
             self.connections_per_ip.pop(host, None)
 
-    def check_rates(self, user: str | None, host: str, listener: str) -> None:
+    def check_rates(self, user: str | None, host: str) -> None:
         """450 4.7.1 past ``messages_per_user`` / ``messages_per_ip``: asked
         last at MAIL, so only a MAIL that would be accepted spends a token."""
         if user is not None and self.user_rate is not None and not self.user_rate.take(user):
-            maillog.info("NOQUEUE: reject: MAIL from [{client}]: 450 4.7.1 message rate "
-                         "exceeded for user={user} listener={listener}",
-                         client=host, user=user, listener=listener)
             raise SMTPReply(450, "4.7.1", f"Error: too much mail from user {user}")
         if self.ip_rate is not None and not self.ip_rate.take(host):
-            maillog.info("NOQUEUE: reject: MAIL from [{client}]: 450 4.7.1 message rate "
-                         "exceeded listener={listener}", client=host, listener=listener)
             raise SMTPReply(450, "4.7.1", f"Error: too much mail from {host}")

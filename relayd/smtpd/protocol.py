@@ -48,6 +48,7 @@ from relayd.smtpd.connection import CLOSING, COMMAND, DATA, SMTPConnection
 from relayd.smtpd.datareader import DataReader
 from relayd.smtpd.lines import line_limit
 from relayd.smtpd.policy import UserSenders
+from relayd.smtpd.rejectlog import Rejects
 from relayd.smtpd.sasl import AUTH_BACKEND_TIMEOUT, AUTH_FAILURE_DELAY, SASLServer
 from relayd.smtpd.transaction import Transaction, parse_mail, parse_rcpt
 from relayd.tls import handshake_failure_reason, tls_version
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 log = Logger(namespace="relayd.smtpd")
-maillog = Logger(namespace="relayd.mail")
 
 #: Postfix smtpd_recipient_overshoot_limit: RCPTs past max_recipients that
 #: are answered 452 before they start counting as errors.
@@ -122,6 +122,10 @@ class SMTPServerProtocol(SMTPConnection):
         self._tls_options = factory.tls
         self._tx: Transaction | None = None
         self._junk = 0
+        # What a refusal is about, for its mail-log line (rejectlog).
+        self._rejects = Rejects(factory.metrics, self._listener.name)
+        self._stage = "CONNECT"
+        self._rcpt: str | None = None
         self._session: Session | None = None
         self._trusted = False
         self._counted = False
@@ -165,8 +169,7 @@ class SMTPServerProtocol(SMTPConnection):
             self._close(421, "4.3.2", f"{f.hostname} Service shutting down")
             return
         if refused is not None:
-            m.smtp_rejects.labels(self._listener.name, "421").inc()
-            self._close(421, "4.7.0", f"{f.hostname} Error: {refused}")
+            self._refuse(421, "4.7.0", f"{f.hostname} Error: {refused}")
             return
         if self._tls and INegotiated.providedBy(self.transport):
             # Implicit TLS: greet once the handshake is done.  Writing the
@@ -287,14 +290,15 @@ class SMTPServerProtocol(SMTPConnection):
         verb, _, arg = line.partition(b" ")
         verb = verb.upper()
         handler = self._COMMANDS.get(verb)
+        self._stage = verb.decode("ascii") if handler is not None else "UNKNOWN"
+        self._rcpt = None
         if handler is None:
             if verb in _FORBIDDEN_VERBS or verb.endswith(b":"):
                 # A browser tricked into posting to the SMTP port (Postfix's
                 # smtpd_forbidden_commands): its body must never run as SMTP.
                 log.info("cross-protocol command {verb!r} from [{client}]; disconnecting",
                          verb=verb[:20].decode("latin-1"), client=self._client)
-                self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
-                self._close(421, "4.7.0", f"{self._f.hostname} Error: I can break rules, too. "
+                self._refuse(421, "4.7.0", f"{self._f.hostname} Error: I can break rules, too. "
                             "Goodbye.")
                 return
             self.error_reply(502, "5.5.2", "Error: command not recognized")
@@ -397,8 +401,7 @@ class SMTPServerProtocol(SMTPConnection):
             raise SMTPReply(530, "5.7.0", "Must issue a STARTTLS command first")
         if self._f.auth_limiter.blocked(self._client):
             self._sasl.refused("blocked")
-            self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
-            self._close(421, "4.7.0", f"{self._f.hostname} Error: too many authentication failures")
+            self._refuse(421, "4.7.0", f"{self._f.hostname} Error: too many authentication failures")
             return None
         if self._need_helo or not self._session.helo:
             self._sasl.refused("sequence")
@@ -435,16 +438,14 @@ class SMTPServerProtocol(SMTPConnection):
             raise SMTPReply(530, "5.7.0", "Authentication required")
         limit = self._listener.limits.max_messages_per_session
         if limit is not None and self._messages >= limit:
-            self._f.metrics.smtp_rejects.labels(self._listener.name, "421").inc()
-            self._close(421, "4.7.0", f"{self._f.hostname} Error: too many messages in one session")
+            self._refuse(421, "4.7.0", f"{self._f.hostname} Error: too many messages in one session")
             return
         mail = parse_mail(arg, self._listener.max_message_size)
         self._f.sink.check_capacity()
         self._policy.check_sender(mail.sender, self._permitted)
         if self._user_senders is not None:
             self._user_senders.check(mail.sender)
-        self._f.limits.check_rates(self._session.user if self._session else None,
-                                   self._client, self._listener.name)
+        self._f.limits.check_rates(self._session.user if self._session else None, self._client)
         self._tx = Transaction(mail)
         self.reply(250, "2.1.0", "Ok")
 
@@ -452,27 +453,17 @@ class SMTPServerProtocol(SMTPConnection):
         tx = self._tx
         if tx is None:
             raise SMTPReply(503, "5.5.1", "Error: need MAIL command")
-        recipient = parse_rcpt(arg, tx.mail)
+        recipient = self._rcpt = parse_rcpt(arg, tx.mail)
         if len(tx.recipients) >= self._listener.max_recipients:
             # Not counted as an error: Postfix lets a client overshoot the
             # limit (smtpd_recipient_overshoot_limit) and sends the rest later.
-            self._f.metrics.smtp_rejects.labels(self._listener.name, "452").inc()
+            self._rejected(452, "4.5.3", "Error: too many recipients")
             self.reply(452, "4.5.3", "Error: too many recipients")
             self._overshoot += 1
             if self._overshoot > RECIPIENT_OVERSHOOT_LIMIT:
                 self._count_error()
             return
-        try:
-            self._policy.check_recipient(recipient, self._permitted)
-        except SMTPReply as e:
-            maillog.info(
-                "NOQUEUE: reject: RCPT from [{client}]: {code} {enhanced} {text}; "
-                "from=<{sender}> to=<{rcpt}> listener={listener} helo=<{helo}>",
-                client=self._client, code=e.code, enhanced=e.enhanced, text=e.text,
-                sender=tx.mail.sender, rcpt=recipient, listener=self._listener.name,
-                helo=self._session.helo if self._session else "",
-            )
-            raise
+        self._policy.check_recipient(recipient, self._permitted)
         tx.add_recipient(recipient)
         self.reply(250, "2.1.5", "Ok")
 
@@ -513,7 +504,7 @@ class SMTPServerProtocol(SMTPConnection):
     def do_BDAT(self, arg: bytes) -> None:
         # Not advertised; answered here so the client's chunk is not read
         # as commands (Postfix closes on BDAT when CHUNKING is off too).
-        self._close(421, "4.7.0", f"{self._f.hostname} Error: BDAT without CHUNKING")
+        self._refuse(421, "4.7.0", f"{self._f.hostname} Error: BDAT without CHUNKING")
 
     _COMMANDS: dict[bytes, Callable[[SMTPServerProtocol, bytes], object]] = {
         b"HELO": do_HELO,
@@ -560,8 +551,9 @@ class SMTPServerProtocol(SMTPConnection):
         assert tx is not None
         if tx.error is not None:
             e = tx.error
-            self._reset_transaction()
+            self._stage = "END-OF-MESSAGE"
             self.error_reply(e.code, e.enhanced, e.text)
+            self._reset_transaction()
             return
         d = tx.finish()
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(tx.size,))
@@ -575,14 +567,23 @@ class SMTPServerProtocol(SMTPConnection):
         self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
     def _not_queued(self, failure: Failure) -> None:
-        self._reset_transaction()
+        self._stage = "END-OF-MESSAGE"
         if not failure.check(SMTPReply):
             log.failure("queue file write error for [{client}]", failure, client=self._client)
             self.error_reply(451, "4.3.0", "Error: queue file write error")
-            return
-        e = failure.value
-        assert isinstance(e, SMTPReply)
-        self.error_reply(e.code, e.enhanced, e.text)
+        else:
+            e = failure.value
+            assert isinstance(e, SMTPReply)
+            self.error_reply(e.code, e.enhanced, e.text)
+        self._reset_transaction()
+
+    def _rejected(self, code: int, enhanced: str | None, text: str) -> None:
+        s = self._session
+        self._rejects.reject(
+            code, enhanced, text, stage=self._stage, client=self._client,
+            sender=self._tx.mail.sender if self._tx is not None else None,
+            recipient=self._rcpt, proto=s.protocol if s else "SMTP", helo=s.helo if s else "",
+        )
 
     def _reset_transaction(self) -> None:
         tx, self._tx = self._tx, None
