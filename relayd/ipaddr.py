@@ -41,3 +41,21 @@ def is_loopback(host: str) -> bool:
     """Is ``host`` a loopback address (127.0.0.0/8, ::1, or one mapped)?"""
     ip = client_ip(host)
     return ip is not None and ip.is_loopback
+
+
+#: Per-client limits count an IPv6 client by this prefix: a host gets a whole
+#: /64 (RFC 6177 assigns at least that to an end site), so counting per
+#: address would let one client rotate past any limit.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_key(host: str) -> str:
+    """What per-client limits count by: the IPv4 address (mapped ones
+    included), the IPv6 /64 as ``2001:db8:1:2::/64``, or ``host`` itself
+    when it is not an address."""
+    ip = client_ip(host)
+    if ip is None:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip), IPV6_CLIENT_PREFIX), strict=False))
+    return str(ip)

@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.config import Rate
+from relayd.ipaddr import client_key
 
 __all__ = ["AuthFailureTracker"]
 
@@ -36,7 +37,8 @@ class AuthFailureTracker:
         self._blocked: dict[str, float] = {}
 
     def blocked(self, host: str) -> bool:
-        """Is ``host`` refused now?"""
+        """Is ``host`` (its /64 for IPv6) refused now?"""
+        host = client_key(host)
         until = self._blocked.get(host)
         if until is None:
             return False
@@ -47,7 +49,8 @@ class AuthFailureTracker:
 
     def failure(self, host: str) -> bool:
         """Count one failed AUTH from ``host``; True when this failure
-        starts a block."""
+        starts a block.  IPv6 clients count per /64 (``client_key``)."""
+        host = client_key(host)
         now = self._clock.seconds()
         window = self._recent.pop(host, None)
         if window is None:
