@@ -1,11 +1,14 @@
 """RFC 3464 delivery status notifications, written the way Postfix's bounce(8) writes them.
 
-A DSN is the only way a sender learns that relayd gave up on (or is still
-struggling with) a message it accepted with a 250, so it has to reach them:
+A DSN is the only way a sender learns that relayd gave up on a message it
+accepted with a 250, so it has to reach them:
 it is built here as finished bytes, ready to be spooled and sent with
 ``MAIL FROM:<>`` through the original message's route like any other message.
 Everything here is a pure function of its arguments (``now`` included), so
 the same failure always gives the same notification and tests need no clock.
+It stays one module (past 400 lines) because its helpers (folding, wrapping,
+boundaries, the UTF-8 "global" variants) serve this one message format and
+nothing else; split up they would only be imported back here.
 
 The message is assembled by hand rather than with ``email.message``: a DSN
 carries the original header section (and maybe the whole message) verbatim,
@@ -38,18 +41,18 @@ from relayd.content import Content, as_content
 from relayd.envelope import Envelope, RecipientResult
 
 __all__ = [
-    "DELAYED",
     "FAILED",
     "RETURN_FULL",
     "RETURN_HEADERS",
     "build_dsn",
     "diagnostic_status",
     "is_bounce",
-    "should_bounce",
 ]
 
-FAILED, DELAYED = "failed", "delayed"
-"""The two notifications: a non-delivery report and a delay warning."""
+FAILED = "failed"
+"""The Action of every recipient relayd reports: it sends non-delivery
+reports only (no delay warnings: Postfix's delay_warning_time is off by
+default too, and nothing here asks for one)."""
 
 RETURN_HEADERS, RETURN_FULL = "headers", "full"
 """How much of the original goes back (RFC 3461's RET=HDRS / RET=FULL)."""
@@ -58,10 +61,7 @@ HEADER_READ_LIMIT = 256 * 1024
 """How much of the original is read for its header section (cleanup's limit
 for finding one): a 50 MB message costs a bounce 256 KiB, not 50 MB."""
 
-_SUBJECTS = {
-    FAILED: "Undelivered Mail Returned to Sender",
-    DELAYED: "Delayed Mail (still being retried)",
-}
+_SUBJECT = "Undelivered Mail Returned to Sender"
 
 MAX_LINE = 998
 """RFC 5322 §2.1.1: octets per line, not counting the CRLF."""
@@ -97,16 +97,6 @@ def is_bounce(envelope: Envelope) -> bool:
     return envelope.sender == ""
 
 
-def should_bounce(envelope: Envelope) -> bool:
-    """Whether a failure of this message is reported to its sender.
-
-    Only messages with a real sender: with the null sender there is nobody to
-    tell (and telling would loop).  Postfix then just logs the failure and drops
-    the message, and so does relayd.
-    """
-    return not is_bounce(envelope)
-
-
 def diagnostic_status(reply: str, default_class: str = "5") -> str:
     """The RFC 3463 status for a reply: its enhanced code, else one derived from its basic code.
 
@@ -139,10 +129,8 @@ def build_dsn(
     reporting_mta: str,
     bounce_from: str,
     now: float,
-    reason: str = FAILED,
     remote_mta: str | None = None,
     return_content: str = RETURN_HEADERS,
-    retry_until: float | None = None,
 ) -> bytes:
     """The complete DSN message for ``failed`` recipients of a queued message, as spool-ready bytes.
 
@@ -158,25 +146,19 @@ def build_dsn(
     :param bounce_from: the DSN's From: address (``[server] bounce_from``);
         empty means ``MAILER-DAEMON@<reporting_mta>``.
     :param now: seconds since the epoch: the Date and the Message-ID.
-    :param reason: ``"failed"`` (a non-delivery report) or ``"delayed"`` (a
-        delay warning: "still being retried").
     :param remote_mta: the server that gave the replies, as a courier reports
         a relay (``mx.example.org[192.0.2.1]:25``); None when the failure was
         local (no connection, expiry, a maildir).
     :param return_content: ``"headers"`` (the default, and Postfix's choice for
         all but small messages: a bounce should not ship megabytes back) or
         ``"full"``.
-    :param retry_until: for a delay warning, when the message will expire
-        (``Will-Retry-Until``, and the "retried until" sentence).
 
     :raises ValueError: for the null sender (never bounce a bounce: check
-        ``should_bounce`` first), an empty ``failed``, or an unknown ``reason``
-        or ``return_content``.
+        ``is_bounce`` first), an empty ``failed``, or an unknown
+        ``return_content``.
     """
-    if not should_bounce(envelope):
+    if is_bounce(envelope):
         raise ValueError("a message with the null sender is never bounced")
-    if reason not in _SUBJECTS:
-        raise ValueError(f"reason must be {FAILED!r} or {DELAYED!r}, not {reason!r}")
     if return_content not in (RETURN_HEADERS, RETURN_FULL):
         raise ValueError(
             f"return_content must be {RETURN_HEADERS!r} or {RETURN_FULL!r}, not {return_content!r}"
@@ -193,36 +175,21 @@ def build_dsn(
     )
     sender_addr = envelope.sender
     from_addr = bounce_from or f"MAILER-DAEMON@{reporting_mta}"
-    default_class = "5" if reason == FAILED else "4"
     remote_name, remote_shown = _split_relay(remote_mta)
 
     content = as_content(content)
     if return_content == RETURN_HEADERS:
         returned = _header_section(_normalise(_head(content)))
         returned_type = "message/global-headers" if utf8 else "text/rfc822-headers"
-        returned_desc = (
-            "Undelivered Message Headers" if reason == FAILED else "Delayed Message Headers"
-        )
+        returned_desc = "Undelivered Message Headers"
     else:
         returned = _normalise(content.read())
         returned_type = "message/global" if utf8 else "message/rfc822"
-        returned_desc = "Undelivered Message" if reason == FAILED else "Delayed Message"
+        returned_desc = "Undelivered Message"
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
 
-    notification = _notification(
-        envelope, failed, reporting_mta, now, reason, remote_shown, retry_until, utf8
-    )
-    report = _report(
-        queue_id,
-        envelope,
-        failed,
-        reporting_mta,
-        reason,
-        remote_name,
-        retry_until,
-        utf8,
-        default_class,
-    )
+    notification = _notification(failed, reporting_mta, remote_shown, utf8)
+    report = _report(queue_id, envelope, failed, reporting_mta, remote_name, utf8)
 
     text_charset = "utf-8" if not notification.isascii() else "us-ascii"
     parts = [
@@ -258,9 +225,9 @@ def build_dsn(
     header_fields = [
         ("From", f"Mail Delivery System <{from_addr}>"),
         ("To", f"<{sender_addr}>"),
-        ("Subject", _SUBJECTS[reason]),
+        ("Subject", _SUBJECT),
         ("Date", _rfc5322_date(now)),
-        ("Message-ID", _message_id(queue_id, now, reason, reporting_mta)),
+        ("Message-ID", _message_id(queue_id, now, FAILED, reporting_mta)),
         ("Auto-Submitted", "auto-replied"),
         ("MIME-Version", "1.0"),
         (
@@ -294,37 +261,15 @@ def build_dsn(
 
 
 def _notification(
-    envelope: Envelope,
-    failed: Sequence[RecipientResult],
-    reporting_mta: str,
-    now: float,
-    reason: str,
-    remote_shown: str | None,
-    retry_until: float | None,
-    utf8: bool,
+    failed: Sequence[RecipientResult], reporting_mta: str, remote_shown: str | None, utf8: bool,
 ) -> bytes:
     """Part 1, for people: Postfix's bounce template text, so that it reads familiar."""
     host = _clean(reporting_mta, utf8)
     lines = [f"This is the mail system at host {host}.", ""]
-    if reason == FAILED:
-        lines += [
-            "I'm sorry to have to inform you that your message could not",
-            "be delivered to one or more recipients. It's attached below.",
-        ]
-    else:
-        hours = max(now - envelope.arrival, 0.0) / 3600
-        lines += [
-            "####################################################################",
-            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
-            "####################################################################",
-            "",
-            f"Your message could not be delivered for {hours:.1f} hour(s).",
-        ]
-        if retry_until is not None:
-            days = max(retry_until - envelope.arrival, 0.0) / 86400
-            lines.append(f"It will be retried until it is {days:.1f} day(s) old.")
-        else:
-            lines.append("It will be retried for a while longer.")
+    lines += [
+        "I'm sorry to have to inform you that your message could not",
+        "be delivered to one or more recipients. It's attached below.",
+    ]
     lines += [
         "",
         "For further assistance, please send mail to postmaster.",
@@ -349,11 +294,8 @@ def _report(
     envelope: Envelope,
     failed: Sequence[RecipientResult],
     reporting_mta: str,
-    reason: str,
     remote_name: str | None,
-    retry_until: float | None,
     utf8: bool,
-    default_class: str,
 ) -> bytes:
     """Part 2, for programs: RFC 3464 §2.2 per-message and §2.3 per-recipient fields."""
     fields: list[bytes] = []
@@ -367,13 +309,8 @@ def _report(
         fields += _fold_field("Final-Recipient", _address_field(result.recipient, utf8))
         # Original-Recipient (RFC 3464 §2.3.1) only when known: relayd does not
         # keep ORCPT, and guessing it would be worse than leaving it out.
-        fields += _fold_field("Action", reason)
-        status = diagnostic_status(reply, default_class)
-        if reason == DELAYED and status.startswith("5."):
-            # Still being retried means not permanent (soft_bounce turns a 5xx
-            # into a retry): Postfix reports such a delay as 4.x.x too.
-            status = "4" + status[1:]
-        fields += _fold_field("Status", status)
+        fields += _fold_field("Action", FAILED)
+        fields += _fold_field("Status", diagnostic_status(reply))
         if remote_name:
             fields += _fold_field("Remote-MTA", f"dns; {_clean(remote_name, utf8)}")
         if _REPLY_RE.match(reply):
@@ -382,8 +319,6 @@ def _report(
             # Not an SMTP reply (a connection error, a local failure): the
             # "smtp" type would be a lie; Postfix says "X-Postfix" here.
             fields += _fold_field("Diagnostic-Code", f"X-Relayd; {reply}")
-        if reason == DELAYED and retry_until is not None:
-            fields += _fold_field("Will-Retry-Until", _rfc5322_date(retry_until))
     return _CRLF.join(fields) + _CRLF
 
 

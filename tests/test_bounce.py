@@ -20,7 +20,6 @@ from relayd.bounce import (
     build_dsn,
     diagnostic_status,
     is_bounce,
-    should_bounce,
 )
 from relayd.envelope import Envelope, RecipientResult
 
@@ -144,14 +143,13 @@ def test_top_level_headers():
     assert QID in message_id
 
 
-def test_message_id_unique_per_time_and_reason():
+def test_message_id_unique_per_time_and_message():
     ids = {
         parse(dsn(now=NOW))["Message-ID"],
         parse(dsn(now=NOW + 0.001))["Message-ID"],
-        parse(dsn(now=NOW, reason="delayed"))["Message-ID"],
         parse(dsn(queue_id="0123456789ABCDEF0124"))["Message-ID"],
     }
-    assert len(ids) == 4
+    assert len(ids) == 3
 
 
 def test_bounce_from_defaults_to_mailer_daemon():
@@ -268,32 +266,6 @@ def test_several_recipients_each_get_a_block():
     text = parse(raw).get_body(("plain",)).get_content()
     for r in failed:
         assert f"<{r.recipient}>: {r.reply}" in text
-
-
-def test_delay_warning():
-    raw = dsn(
-        reason="delayed",
-        failed=[result(reply="451 4.4.1 connection timed out")],
-        retry_until=ARRIVAL + 5 * 86400,
-    )
-    msg = parse(raw)
-    assert msg["Subject"] == "Delayed Mail (still being retried)"
-    text = msg.get_body(("plain",)).get_content()
-    assert "THIS IS A WARNING ONLY" in text
-    assert "It will be retried until it is 5.0 day(s) old." in text
-    rcpt = status_blocks(raw)[1]
-    assert rcpt["action"] == "delayed"
-    assert rcpt["status"] == "4.4.1"
-    retry = email.utils.parsedate_to_datetime(rcpt["will-retry-until"]).timestamp()
-    assert retry == ARRIVAL + 5 * 86400
-
-
-def test_delay_warning_never_reports_a_permanent_status():
-    # a 5xx that is still being retried (soft_bounce) is not permanent
-    rcpt = status_blocks(dsn(reason="delayed", failed=[result(reply="550 5.1.1 unknown")]))[1]
-    assert rcpt["status"] == "4.1.1"
-    rcpt = status_blocks(dsn(reason="delayed", failed=[result(reply="timed out")]))[1]
-    assert rcpt["status"] == "4.0.0"
 
 
 def test_expired_message_keeps_its_transient_status():
@@ -493,9 +465,7 @@ def test_smtputf8_message_with_ascii_addresses_is_returned_as_global():
 
 def test_null_sender_is_a_bounce():
     assert is_bounce(envelope(sender=""))
-    assert not should_bounce(envelope(sender=""))
     assert not is_bounce(envelope())
-    assert should_bounce(envelope())
 
 
 def test_null_sender_is_never_bounced():
@@ -505,7 +475,7 @@ def test_null_sender_is_never_bounced():
 
 @pytest.mark.parametrize(
     "kw",
-    [{"reason": "bounced"}, {"return_content": "body"}, {"failed": []}],
+    [{"return_content": "body"}, {"failed": []}],
 )
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
