@@ -224,7 +224,7 @@ class TestSpoolContract:
         """A writer whose id is already queued fails to commit; the first message stays."""
         first = commit(spool, b"first\r\n")
         monkeypatch.setattr(spool_module, "new_queue_id", lambda now: first.queue_id)
-        monkeypatch.setattr(testing, "new_queue_id", lambda now: first.queue_id)
+        monkeypatch.setattr(testing.spool, "new_queue_id", lambda now: first.queue_id)
         writer = spool.open_message(envelope())
         writer.write(b"second\r\n")
         assert isinstance(failure_of(writer.commit()), OSError)
