@@ -115,8 +115,8 @@ class Event:
     Arrival is not one of them: the envelope already says when, from whom
     and through which listener (see :func:`history_json`).
 
-    :param event: ``sent``, ``deferred``, ``bounced``, ``expired``, ``held``
-        or ``released``.
+    :param event: ``sent``, ``deferred``, ``bounced``, ``expired``, ``held``,
+        ``released`` or ``deleted``.
     :param more: recipients the event is about beyond those named.
     :param relay: where the attempt went (``smtp.x[1.2.3.4]:587``), when known.
     """

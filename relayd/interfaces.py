@@ -97,8 +97,14 @@ class ISpool(Interface):
     def defer(message: QueuedMessage) -> Deferred[None]:
         """Persist a ``QueuedMessage``'s new retry state; Deferred."""
 
-    def remove(queue_id: str) -> Deferred[None]:
-        """Forget a message that has been delivered or bounced; Deferred."""
+    def remove(queue_id: str, final: QueuedMessage | None = None) -> Deferred[None]:
+        """Forget a message that has been delivered or bounced; Deferred.
+        ``final``, its last state and history, is kept for :meth:`finished`."""
+
+    def finished(queue_id: str) -> Deferred[QueuedMessage | None]:
+        """The ``final`` state a message was removed with, while the spool
+        still keeps it (``relayd queue show`` of a delivered message), else
+        None."""
 
     def free_space() -> int:
         """Bytes free for the spool now (cleanup refuses mail below

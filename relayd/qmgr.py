@@ -382,12 +382,12 @@ class QueueManager(Service):
                     **self._route_status.get(route, {}), "last_error": now,
                     "last_error_reason": refused[0].reply,
                 }
-            if not waiting:
-                return self._forget(current)
             outcome = bounced if bounce_queued else [
                 RecipientResult(o.recipient, DEFERRED, o.reply + NOT_QUEUED) for o in bounced]
             current = current.with_events(*_events(now, route, result.relay,
                                                    sent + outcome + deferred))
+            if not waiting:
+                return self._forget(current)
             return self._defer(current, waiting[0].reply, now, relay=result.relay)
 
         return self._bounce_outcome(d, message).addCallback(settle)
@@ -428,8 +428,10 @@ class QueueManager(Service):
             d = self._bounce(current, failed, holder.get("content"))
             kept = current.with_events(Event.of(now, DEFERRED, recipients, route,
                                                 reply=reason + NOT_QUEUED))
+            final = evolve(current, done=current.done + recipients).with_events(
+                Event.of(now, BOUNCED, recipients, route, reply=reason))
             return self._bounce_outcome(d, current).addCallback(
-                lambda ok: self._forget(current) if ok else self._retry_later(kept, reason, now)
+                lambda ok: self._forget(final) if ok else self._retry_later(kept, reason, now)
             )
         for rcpt in recipients:
             maillog.info("{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} "

@@ -227,6 +227,25 @@ def test_history_when_the_bounce_cannot_be_queued() -> None:
     assert (event.event, event.reply) == (DEFERRED, "550 5.1.1 no such user" + NOT_QUEUED)
 
 
+def test_a_delivered_message_leaves_its_history_in_the_spool() -> None:
+    """Removed after delivery, the message's final state (with the sent event)
+    is what the spool keeps for `relayd queue show`; a permanent failure ends
+    with the bounced event, every recipient done."""
+    h = make(courier=RecordingCourier([DeliveryResult(RELAY),
+                                       PermanentDeliveryError("550 5.1.1 no such user")]))
+    sent = h.queue()
+    final = result_of(h.spool.finished(sent.queue_id))
+    assert [(e.event, e.recipients, e.relay) for e in final.history] == [
+        (SENT, ("r@example.net",), RELAY)]
+    bounced = h.queue()
+    final = result_of(h.spool.finished(bounced.queue_id))
+    assert [(e.event, e.reply) for e in final.history] == [(BOUNCED, "550 5.1.1 no such user")]
+    assert final.done == ("r@example.net",)
+    shown = result_of(h.qm.state.show(bounced.queue_id))
+    assert shown["state"] == "removed" and shown["recipients"] == []
+    assert result_of(h.qm.state.show("F" * 20)) is None
+
+
 def test_history_of_hold_and_release() -> None:
     h = make(courier=RecordingCourier(lambda *a: TransientDeliveryError("451 4.3.0 later")))
     message = h.queue()

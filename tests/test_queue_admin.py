@@ -246,6 +246,32 @@ def test_show_prints_envelope_and_history_online_and_offline(relay_factory) -> N
     assert len(offline) >= len(online) - 1  # a last deferral may not have reached the disk
 
 
+def test_show_of_a_delivered_message_prints_its_history(relay_factory) -> None:
+    """Delivered and gone from the queue, a message is still shown (state removed,
+    the sent event with its route and relay), by the daemon and from the spool."""
+    relay = relay_factory()
+    send(relay, "app@example.org", "delivered")
+    [path] = relay.wait_delivered(1)
+    qid = re.search(r"\.R([0-9A-F]{20})\.", path.name).group(1)
+    sent = re.compile(r"^\S+Z sent to=<rcpt@example\.net> route=outbox relay=maildir:\S+ "
+                      r"\(.+\)$", re.M)
+
+    def shown() -> str:
+        out = queue(relay, "show", qid)
+        assert out.returncode == 0, out.stderr
+        assert re.search(r"^state: +removed \(attempts: 0\)$", out.stdout, re.M), out.stdout
+        assert re.search(r"^recipients: +<rcpt@example\.net> \(done\)$", out.stdout, re.M)
+        assert sent.search(out.stdout), out.stdout
+        return re.sub(r"\(\w+ ago\)", "", out.stdout)
+
+    online = wait_for(lambda: queue(relay, "show", qid).returncode == 0 and shown(),
+                      what="the delivered message's history")
+    relay.signal(signal.SIGTERM)
+    assert shown() == online
+    missing = queue(relay, "show", "0" * 20)
+    assert missing.returncode == 1 and "no message" in missing.stderr
+
+
 def test_hold_and_release_offline_are_in_the_history(relay_factory) -> None:
     relay = blocked_relay(relay_factory)
     send(relay, "app@example.org", "held")

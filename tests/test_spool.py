@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from attrs import evolve
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -272,3 +273,25 @@ def test_directory_fsync_failure_fails_its_jobs(disk_writer) -> None:
 
     [outcome] = fake.run_until(writer.submit(needs_missing_dir))
     assert isinstance(outcome, Failure) and outcome.check(OSError)
+
+
+def test_history_journal_rotates_and_finds_the_newest(tmp_path: Path) -> None:
+    """history.log turns into history.log.1 past its limit (the one before is
+    dropped); a lookup reads both, the newest line of an id first; a line that
+    cannot be read is skipped; an older release's spool has no journal at all."""
+    from relayd.queue import journal
+
+    j = journal.Journal(str(tmp_path), limit=400)
+    assert j.find("A" * 20) is None
+    envelope = Envelope("a@example.org", ("b@example.net",), "default", 1_700_000_000.0)
+    first = QueuedMessage("A" * 20, envelope, attempts=1)
+    j.append(journal.line(first))
+    j.append(b"B" * 20 + b" {not json\n")
+    j.append(journal.line(QueuedMessage("C" * 20, envelope)))
+    j.append(journal.line(QueuedMessage("D" * 20, envelope)))
+    j.append(journal.line(evolve(first, attempts=2)))
+    assert (tmp_path / "history.log.1").exists()
+    assert all(len(p.read_bytes()) <= 400 for p in tmp_path.glob("history.log*"))
+    assert j.find("A" * 20) == evolve(first, attempts=2)
+    assert j.find("B" * 20) is None
+    assert j.find("D" * 20) == QueuedMessage("D" * 20, envelope)

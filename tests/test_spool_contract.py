@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 from relayd import testing
 from relayd.content import IN_MEMORY_LIMIT
 from relayd.diskio import InlineDiskWriter
-from relayd.envelope import Envelope, QueuedMessage, is_queue_id
+from relayd.envelope import Envelope, Event, QueuedMessage, is_queue_id
 from relayd.interfaces import ISpool, ISpoolWriter
 from relayd.queue import spool as spool_module
 from relayd.queue.spool import Spool
@@ -188,6 +188,21 @@ class TestSpoolContract:
         assert isinstance(failure_of(spool.load(gone.queue_id)), OSError)
         assert isinstance(failure_of(spool.read(gone.queue_id)), OSError)
         assert result(spool.load(kept.queue_id)).read() == b"kept\r\n"
+
+    def test_removed_message_keeps_its_final_state(self, spool: Any) -> None:
+        """remove(id, final) keeps final (envelope, state, history) for finished();
+        a later removal of the same id wins; never-removed ids have none."""
+        message = commit(spool, b"x\r\n")
+        final = evolve(message, attempts=2, done=message.envelope.recipients,
+                       history=(Event.of(NOW, "deferred", ("b@example.net",), "outbox",
+                                         reply="451 4.3.0 later"),
+                                Event.of(NOW + 60, "sent", message.envelope.recipients,
+                                         "outbox", "smtp.test[192.0.2.1]:25", "250 ok")))
+        assert result(spool.finished(message.queue_id)) is None
+        result(spool.remove(message.queue_id, final))
+        assert result(spool.finished(message.queue_id)) == final
+        assert result(spool.finished("0" * 20)) is None
+        assert result(spool.recover()) == []
 
     def test_remove_unknown_fails(self, spool: Any) -> None:
         """Removing a message that is not there is an error (OSError), not silence."""

@@ -44,10 +44,11 @@ def answer(queue: QueueState, request: Mapping[str, Any],
         send({"done": True, "count": count})
         return None
     if op == "show":
-        found = queue.describe(str(request.get("id", "")))
-        send({"done": True, "message": found} if found else
-             {"error": not_queued(request.get("id"))})
-        return None
+        shown = queue.show(str(request.get("id", "")))
+        shown.addCallback(lambda found: send({"done": True, "message": found} if found else
+                                             {"error": not_queued(request.get("id"))}))
+        shown.addErrback(lambda f: send({"error": f.getErrorMessage()}))
+        return shown.addCallback(lambda _: None)
     if op in OPERATIONS:
         ids = request.get("ids")
         if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):

@@ -36,6 +36,7 @@ from relayd.envelope import (
     QueuedMessage,
     QueueId,
     RecipientResult,
+    is_queue_id,
     message_details,
 )
 from relayd.interfaces import IBouncer, ISpool
@@ -47,6 +48,8 @@ maillog = Logger(namespace="relayd.mail")
 #: the ``relayd_queue_messages{state}`` metric name them.
 ACTIVE, DEFERRED, HELD = "active", "deferred", "held"
 STATES = (ACTIVE, DEFERRED, HELD)
+#: What ``relayd queue show`` says of a message that has left the queue.
+REMOVED = "removed"
 #: What ``relayd queue OP`` may ask (besides list and show).
 OPERATIONS = ("flush", "hold", "release", "delete", "bounce")
 #: The reply a DSN gives for mail the administrator returned.
@@ -162,9 +165,11 @@ class QueueState:
         return d
 
     def forget(self, message: QueuedMessage) -> Deferred[None]:
-        """Every recipient is done (or the message was deleted): remove it."""
+        """Every recipient is done (or the message was deleted): remove it.
+        ``message`` is its final state: its history (with the event that
+        ended it) stays in the spool's journal for ``relayd queue show``."""
         qid = message.queue_id
-        d = self._spool.remove(qid)
+        d = self._spool.remove(qid, message)
 
         def removed(_: object) -> None:
             self._messages.pop(qid, None)
@@ -236,6 +241,21 @@ class QueueState:
         and the message's history; None for a message not in the queue."""
         message = self._messages.get(queue_id)
         return None if message is None else {**self.entry(message), **message_details(message)}
+
+    def show(self, queue_id: str) -> Deferred[dict[str, Any] | None]:
+        """:meth:`describe`, or for a message no longer queued its final
+        state from the spool's journal (state ``removed``), or None."""
+        found = self.describe(queue_id)
+        if found is not None or not is_queue_id(queue_id):
+            return succeed(found)
+
+        def finished(message: QueuedMessage | None) -> dict[str, Any] | None:
+            if message is None:
+                return None
+            return {**self.entry(message), "state": REMOVED, "next_attempt": None,
+                    **message_details(message)}
+
+        return self._spool.finished(queue_id).addCallback(finished)
 
     def select(self, ids: Sequence[str] | None, everything: bool,
                sender: str | None) -> list[QueueId]:
@@ -315,8 +335,9 @@ class QueueState:
         return self.save(evolve(message, next_attempt=0.0))
 
     def _delete(self, message: QueuedMessage, now: float) -> Deferred[None]:
-        return self.forget(message)
+        return self.forget(message.with_events(Event.of(now, "deleted", pending(message))))
 
     def _bounce(self, message: QueuedMessage, now: float) -> Deferred[None]:
         failed = [RecipientResult(r, BOUNCED, RETURNED) for r in pending(message)]
-        return self.bounce(message, failed).addCallback(lambda _: self.forget(message))
+        final = message.with_events(Event.of(now, BOUNCED, pending(message), reply=RETURNED))
+        return self.bounce(message, failed).addCallback(lambda _: self.forget(final))

@@ -108,6 +108,8 @@ class MemorySpool:
         self.directory = directory
         self.messages: dict[QueueId, QueuedMessage] = {}
         self.contents: dict[QueueId, bytes] = {}
+        #: What ``remove`` was told the removed messages ended as.
+        self.finished_messages: dict[QueueId, QueuedMessage] = {}
         self.fail_commit: BaseException | None = None
         self.fail_load: BaseException | None = None
         self.fail_defer: BaseException | None = None
@@ -191,7 +193,7 @@ class MemorySpool:
             )
         return succeed(None)
 
-    def remove(self, queue_id: QueueId) -> Deferred[None]:
+    def remove(self, queue_id: QueueId, final: QueuedMessage | None = None) -> Deferred[None]:
         self.removes.append(queue_id)
         if self.fail_remove is not None:
             return fail(self.fail_remove)
@@ -199,4 +201,9 @@ class MemorySpool:
             return fail(FileNotFoundError(errno.ENOENT, "no such queued message", queue_id))
         del self.messages[queue_id]
         del self.contents[queue_id]
+        if final is not None:
+            self.finished_messages[queue_id] = final
         return succeed(None)
+
+    def finished(self, queue_id: QueueId) -> Deferred[QueuedMessage | None]:
+        return succeed(self.finished_messages.get(queue_id))

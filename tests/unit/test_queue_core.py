@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import socket
 from collections.abc import Callable, Iterator
@@ -156,6 +157,7 @@ def run_path(path: str, directory: Path, command: str, ids: list[str] = [],  # n
     config = config_for(directory)
     clock = Clock()
     clock.advance(ASKED)
+    lock = None
     if path == "online":
         channel: Any = InProcessDaemon(config, clock)
     else:
@@ -168,6 +170,9 @@ def run_path(path: str, directory: Path, command: str, ids: list[str] = [],  # n
         status: int | str = execute(channel, command, ids, everything, sender, as_json, out, err)
     except AdminError as e:
         status = f"error: {e}"
+    finally:
+        if lock is not None:
+            os.close(lock)
     return Outcome(status, out.getvalue(), err.getvalue(), spool_files(directory))
 
 
@@ -298,6 +303,23 @@ def test_missing_ids_are_named(spools: Any) -> None:
     assert outcome.status == 1
     assert outcome.err == f"relayd queue hold: {'0' * 20}: no such message in the queue\n"
     assert state(outcome, ids["deferred@example.org"])["held"] is True
+
+
+def test_show_after_delete_prints_the_history(spools: Any) -> None:
+    """A message that left the queue is shown from the spool's journal, the same
+    online and offline: state removed, its history ending in the deletion."""
+    online_dir, offline_dir, ids = spools()
+    qid = ids["deferred@example.org"]
+    shown = []
+    for path, directory in (("online", online_dir), ("offline", offline_dir)):
+        assert run_path(path, directory, "delete", [qid]).status == 0
+        shown.append(run_path(path, directory, "show", [qid]))
+    assert shown[0] == shown[1]
+    entry = json.loads(shown[0].out)
+    assert entry["state"] == "removed" and entry["id"] == qid
+    assert [e["event"] for e in entry["history"]] == ["received", "deferred", "deleted"]
+    human = run_path("offline", offline_dir, "show", [qid], as_json=False).out
+    assert "state:       removed (attempts: 2)" in human and " deleted to=<r@example.net>" in human
 
 
 # -- the one intended difference ------------------------------------------------------
