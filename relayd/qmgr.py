@@ -14,12 +14,16 @@ flight and schedules what an administrator changed) and the cleanup's
 A bounce (RFC 3464 DSN to the envelope sender) is made durable in the spool
 *before* the original's recipients are marked done, so a crash between the
 two can at worst bounce twice, never lose the notice.
+
+It stays one module past 400 lines because an attempt's life is one state
+machine (ready queue, concurrency slot, in flight, verdict, timer); what
+came of the attempts is counted in ``relayd.queue.activity``.
 """
 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,8 +40,6 @@ from relayd.dsn import DSNQueue
 from relayd.envelope import (
     BOUNCED,
     DEFERRED,
-    EVENT_RECIPIENTS,
-    EVENT_REPLY,
     SENT,
     DeliveryResult,
     Event,
@@ -48,6 +50,7 @@ from relayd.envelope import (
 from relayd.errors import DeliveryError
 from relayd.interfaces import ICourier, IQueueArrival, IRetryPolicy, ISpool
 from relayd.metrics import Metrics
+from relayd.queue.activity import Activity
 from relayd.queue.state import IAttempts, QueueState, pending
 
 log = Logger(namespace="relayd.qmgr")
@@ -59,9 +62,6 @@ maillog = Logger(namespace="relayd.mail")
 #: bytes, not a count, so a burst of big messages cannot pin its size times
 #: the queue length.
 CONTENT_MEMORY_BUDGET = 8 * 1024 * 1024
-#: Messages the status page lists under recent deferrals (each once, with
-#: its latest deferral and how many attempts it has had).
-RECENT_DEFERRALS = 20
 #: Said of bounced recipients whose notification could not be queued: they
 #: stay pending, so their history says deferred.
 NOT_QUEUED = " (the non-delivery notification could not be queued)"
@@ -71,41 +71,6 @@ _TO_LINE = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} delay={delay:.2
             "status={status} ({reply})")
 _TO_LINE_REUSED = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} conn_use={conn_use} "
                    "delay={delay:.2f} status={status} ({reply})")
-
-
-class HourCounts:
-    """A route's sent, deferred and bounced counts over the last hour.
-
-    Sixty one-minute buckets, reused as the minutes go by: memory stays the
-    same however busy the route is, and a read is sixty additions.  Minutes
-    come from the queue manager's clock, so tests drive it with task.Clock.
-    """
-
-    RESULTS = (SENT, DEFERRED, BOUNCED)
-    MINUTES = 60
-
-    def __init__(self) -> None:
-        self._minute = [-1] * self.MINUTES
-        self._counts = [dict.fromkeys(self.RESULTS, 0) for _ in range(self.MINUTES)]
-
-    def add(self, now: float, result: str) -> None:
-        minute = int(now // 60)
-        slot = minute % self.MINUTES
-        if self._minute[slot] != minute:
-            self._minute[slot] = minute
-            self._counts[slot] = dict.fromkeys(self.RESULTS, 0)
-        self._counts[slot][result] += 1
-
-    def totals(self, now: float) -> dict[str, int]:
-        """This minute and the 59 before it (a bucket from a clock that went
-        back is not counted, and is reset when its slot comes round)."""
-        minute = int(now // 60)
-        out = dict.fromkeys(self.RESULTS, 0)
-        for stamp, counts in zip(self._minute, self._counts):
-            if minute - self.MINUTES < stamp <= minute:
-                for result, n in counts.items():
-                    out[result] += n
-        return out
 
 
 def _events(now: float, route: str, relay: str,
@@ -162,11 +127,8 @@ class QueueManager(Service):
         self._in_flight: set[QueueId] = set()
         # Admin requests that wait for the attempt in flight to finish.
         self._after_attempt: dict[QueueId, str] = {}
-        self._route_status: dict[str, dict[str, Any]] = {}
-        #: route -> sent/deferred/bounced in the last hour (the status page).
-        self._activity: dict[str, HourCounts] = {}
-        #: queue id -> its latest deferral, least recently deferred first.
-        self._deferrals: OrderedDict[QueueId, dict[str, Any]] = OrderedDict()
+        #: What came of the attempts (the status page, the metrics).
+        self.activity = Activity(clock, metrics)
         self.recovered: Deferred[None] | None = None
         self._stopping = False
         #: How long a stop waits for deliveries in flight.
@@ -363,8 +325,8 @@ class QueueManager(Service):
         bounced = [o for o in outcomes if o.status == BOUNCED]
         deferred = [o for o in outcomes if o.status == DEFERRED]
         if sent:
-            self._count(route, SENT, now)
-            self._route_status[route] = {**self._route_status.get(route, {}), "last_success": now}
+            self.activity.count(route, SENT, now)
+            self.activity.succeeded(route, now)
         done = tuple(message.done) + tuple(o.recipient for o in sent)
         d = self._bounce(message, bounced, holder.get("content"), remote=result.relay)
 
@@ -378,10 +340,7 @@ class QueueManager(Service):
             # error for the status page, though the rest may have gone.
             refused = waiting or bounced
             if refused:
-                self._route_status[route] = {
-                    **self._route_status.get(route, {}), "last_error": now,
-                    "last_error_reason": refused[0].reply,
-                }
+                self.activity.failed(route, now, refused[0].reply)
             outcome = bounced if bounce_queued else [
                 RecipientResult(o.recipient, DEFERRED, o.reply + NOT_QUEUED) for o in bounced]
             current = current.with_events(*_events(now, route, result.relay,
@@ -414,9 +373,7 @@ class QueueManager(Service):
             reason = f"local error: {failure.getErrorMessage()}"
             permanent = False
         self._metrics.delivery_seconds.labels(route).observe(now - started)
-        self._route_status[route] = {
-            **self._route_status.get(route, {}), "last_error": now, "last_error_reason": reason,
-        }
+        self.activity.failed(route, now, reason)
         current = self.state.get(message.queue_id) or message
         recipients = pending(current)
         if permanent:
@@ -462,18 +419,9 @@ class QueueManager(Service):
     def _retry_later(self, message: QueuedMessage, reason: str, now: float,
                      relay: str = "") -> Deferred[None]:
         route = message.envelope.route
-        self._count(route, DEFERRED, now)
         attempts = message.attempts + 1
-        # One line per message: a message retried all day must not push
-        # every other deferral off the status page.
-        self._deferrals.pop(message.queue_id, None)
-        self._deferrals[message.queue_id] = {
-            "time": now, "queue_id": message.queue_id,
-            "recipients": list(pending(message)[:EVENT_RECIPIENTS]), "route": route,
-            "relay": relay, "reason": reason[:EVENT_REPLY], "attempts": attempts,
-        }
-        if len(self._deferrals) > RECENT_DEFERRALS:
-            self._deferrals.popitem(last=False)
+        self.activity.deferred(message.queue_id, pending(message), route, relay, reason,
+                               attempts, now)
         delay = self._retry.next_delay(attempts)
         if self._jitter:
             delay *= 1 + self._jitter * (2 * self._rng() - 1)
@@ -482,14 +430,6 @@ class QueueManager(Service):
         if not updated.held and not self._stopping:
             self._set_timer(message.queue_id, delay)
         return d
-
-    def _count(self, route: str, result: str, now: float) -> None:
-        """One outcome, in the metrics and in the route's last hour."""
-        self._metrics.deliveries.labels(route, result).inc()
-        counts = self._activity.get(route)
-        if counts is None:
-            counts = self._activity[route] = HourCounts()
-        counts.add(now, result)
 
     def _forget(self, message: QueuedMessage) -> Deferred[None]:
         """Every recipient is done: no timer, no message."""
@@ -500,7 +440,7 @@ class QueueManager(Service):
                 content: Content | None, remote: str | None = None) -> Deferred[None]:
         """Count the bounce, then have the core queue the DSN."""
         if failed:
-            self._count(message.envelope.route, BOUNCED, self._clock.seconds())
+            self.activity.count(message.envelope.route, BOUNCED, self._clock.seconds())
         return self.state.bounce(message, failed, content, remote)
 
     # -- IAttempts: what the queue core asks and tells ---------------------------
@@ -517,7 +457,7 @@ class QueueManager(Service):
         deferred: its timer stands)."""
         queue_id = before.queue_id
         if op == "bounce" and pending(before):
-            self._count(before.envelope.route, BOUNCED, self._clock.seconds())
+            self.activity.count(before.envelope.route, BOUNCED, self._clock.seconds())
         message = self.state.get(queue_id)
         if message is None or message.held:
             self._cancel_timer(queue_id)
@@ -535,22 +475,13 @@ class QueueManager(Service):
         return self.state.oldest_age()
 
     def route_status(self) -> dict[str, dict[str, Any]]:
-        """Per route seen so far: last success, last error and its reason,
-        and ``last_hour`` (sent, deferred, bounced)."""
-        names = set(self._route_status) | set(self._activity)
-        return {name: {**self._route_status.get(name, {}), "last_hour": self.last_hour(name)}
-                for name in names}
+        return self.activity.route_status()
 
     def last_hour(self, route: str) -> dict[str, int]:
-        counts = self._activity.get(route)
-        if counts is None:
-            return dict.fromkeys(HourCounts.RESULTS, 0)
-        return counts.totals(self._clock.seconds())
+        return self.activity.last_hour(route)
 
     def recent_deferrals(self) -> list[dict[str, Any]]:
-        """The latest deferral of each of the last :data:`RECENT_DEFERRALS`
-        messages deferred, newest first."""
-        return [dict(d) for d in reversed(self._deferrals.values())]
+        return self.activity.recent_deferrals()
 
     def update_metrics(self) -> None:
         for state, count in self.counts().items():

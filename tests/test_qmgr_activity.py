@@ -30,7 +30,8 @@ from relayd.envelope import (
     history_json,
 )
 from relayd.errors import PermanentDeliveryError, TransientDeliveryError
-from relayd.qmgr import NOT_QUEUED, RECENT_DEFERRALS, HourCounts
+from relayd.qmgr import NOT_QUEUED
+from relayd.queue.activity import RECENT_DEFERRALS, HourCounts
 from relayd.queue.spool import Spool
 from relayd.testing import HOLD, RecordingCourier, result_of
 from tests.test_qmgr import NOW, RELAY, envelope, make, stored
