@@ -102,7 +102,7 @@ class Session:
         return bool(self.transport.disconnecting)
 
     def starttls(self) -> None:
-        assert self.send("EHLO client.test\r\n")[-1] == "250 SMTPUTF8"
+        assert self.send("EHLO client.test\r\n")[-1] == "250 CHUNKING"
         assert self.send("STARTTLS\r\n") == [READY]
         assert self.transport.tls_starts == [CONTEXT]
 
@@ -177,7 +177,8 @@ def test_ehlo_advertises_starttls_but_not_auth_before_tls() -> None:
         "250-STARTTLS",
         "250-ENHANCEDSTATUSCODES",
         "250-8BITMIME",
-        "250 SMTPUTF8",
+        "250-SMTPUTF8",
+        "250 CHUNKING",
     ]
 
 
@@ -191,7 +192,8 @@ def test_ehlo_after_starttls_advertises_auth_and_not_starttls() -> None:
         "250-AUTH PLAIN LOGIN",
         "250-ENHANCEDSTATUSCODES",
         "250-8BITMIME",
-        "250 SMTPUTF8",
+        "250-SMTPUTF8",
+        "250 CHUNKING",
     ]
 
 

@@ -29,7 +29,7 @@ from relayd.smtpd.lines import TOO_LONG, CommandLines
 if TYPE_CHECKING:
     from relayd.smtpd.factory import SMTPServerFactory
 
-__all__ = ["CLOSING", "COMMAND", "DATA", "PIPELINE_BUFFER_LIMIT", "SMTPConnection"]
+__all__ = ["BDAT", "CLOSING", "COMMAND", "DATA", "PIPELINE_BUFFER_LIMIT", "SMTPConnection"]
 
 log = Logger(namespace="relayd.smtpd")
 
@@ -37,7 +37,9 @@ log = Logger(namespace="relayd.smtpd")
 #: (TCP back-pressure) rather than growing the buffer.
 PIPELINE_BUFFER_LIMIT = 64 * 1024
 
-COMMAND, DATA, CLOSING = "command", "data", "closing"
+COMMAND, DATA, BDAT, CLOSING = "command", "data", "bdat", "closing"
+#: Modes in which input is message content, not commands.
+_CONTENT = (DATA, BDAT)
 
 
 class SMTPConnection(Protocol):
@@ -84,7 +86,7 @@ class SMTPConnection(Protocol):
         raise NotImplementedError
 
     def _feed_data(self, data: bytes) -> None:
-        """Bytes of message content (mode DATA)."""
+        """Bytes of message content (mode DATA or BDAT)."""
         raise NotImplementedError
 
     def _close_if_idle(self) -> None:
@@ -169,8 +171,8 @@ class SMTPConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._mode == CLOSING:
             return
-        if self._mode == DATA and not self._buf and not self._in_process:
-            # The common case in DATA: no copy into the command buffer.
+        if self._mode in _CONTENT and not self._buf and not self._in_process:
+            # The common case in DATA/BDAT: no copy into the command buffer.
             self._touch()
             self._feed_data(data)
         else:
@@ -189,7 +191,7 @@ class SMTPConnection(Protocol):
         self._in_process = True
         try:
             while self._mode != CLOSING:
-                if self._mode == DATA:
+                if self._mode in _CONTENT:
                     if not self._buf:
                         break
                     data = bytes(self._buf)

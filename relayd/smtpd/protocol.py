@@ -1,4 +1,4 @@
-"""The ESMTP server: relayd's own state machine (RFC 5321, 1870, 2920, 3207, 3463, 4954,
+"""The ESMTP server: relayd's own state machine (RFC 5321, 1870, 2920, 3030, 3207, 3463, 4954,
 6152, 6531).
 
 Not ``twisted.mail.smtp.ESMTP``: that one executes pipelined lines while an
@@ -12,7 +12,8 @@ lines) because its states and their order are the protocol: which command
 is allowed after which, what STARTTLS and a new EHLO reset, when a
 transaction begins and ends.  Everything with a job of its own lives
 beside it: the AUTH exchange (``sasl``), per-client limits (``limits``),
-envelope grammar and intake (``transaction``), the listener (``factory``).
+the envelope grammar (``transaction``), DATA and BDAT (``intake``, the base
+class), refusals (``rejectlog``), the listener (``factory``).
 
 The protocol never touches the spool: accepted mail goes to an
 ``ISubmissionSink``; credentials go to an ``IAuthBackend``.
@@ -29,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -41,16 +41,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayd.errors import SMTPReply
-from relayd.interfaces import ISession
 from relayd.ipaddr import is_loopback
 from relayd.netio import write_now
-from relayd.smtpd.connection import CLOSING, COMMAND, DATA, SMTPConnection
-from relayd.smtpd.datareader import DataReader
+from relayd.smtpd.connection import CLOSING, COMMAND
+from relayd.smtpd.intake import MessageIntake
 from relayd.smtpd.lines import line_limit
 from relayd.smtpd.policy import UserSenders
 from relayd.smtpd.rejectlog import Rejects
 from relayd.smtpd.sasl import AUTH_BACKEND_TIMEOUT, AUTH_FAILURE_DELAY, SASLServer
-from relayd.smtpd.transaction import Transaction, parse_mail, parse_rcpt
+from relayd.smtpd.transaction import Session, Transaction, parse_mail, parse_rcpt
 from relayd.tls import handshake_failure_reason, tls_version
 
 if TYPE_CHECKING:
@@ -94,21 +93,8 @@ def _printable(arg: bytes) -> bool:
     return bool(arg) and not any(b < 0x20 or b == 0x7F for b in arg)
 
 
-@implementer(ISession)
-@define
-class Session:
-    """What is known about the client, handed to the sink with each message."""
-
-    listener: str
-    client_address: str
-    route: str
-    helo: str = ""
-    user: str | None = None
-    protocol: str = "SMTP"
-
-
 @implementer(IHandshakeListener)
-class SMTPServerProtocol(SMTPConnection):
+class SMTPServerProtocol(MessageIntake):
     """One SMTP session."""
 
     def __init__(self, factory: SMTPServerFactory) -> None:
@@ -124,12 +110,9 @@ class SMTPServerProtocol(SMTPConnection):
         self._junk = 0
         # What a refusal is about, for its mail-log line (rejectlog).
         self._rejects = Rejects(factory.metrics, self._listener.name)
-        self._stage = "CONNECT"
         self._rcpt: str | None = None
-        self._session: Session | None = None
         self._trusted = False
         self._counted = False
-        self._messages = 0
         self._overshoot = 0
         # TLS and AUTH state.  _tls: the session is encrypted (implicit TLS
         # from the start, or after STARTTLS).  _need_helo: STARTTLS reset the
@@ -342,7 +325,7 @@ class SMTPServerProtocol(SMTPConnection):
         if self._auth_allowed_here:
             # Never CRAM-MD5: it needs the plaintext password on our side.
             lines.append("AUTH PLAIN LOGIN")
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"]
         out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
         write_now(self._t, ("\r\n".join(out) + "\r\n").encode("ascii"))
 
@@ -467,22 +450,6 @@ class SMTPServerProtocol(SMTPConnection):
         tx.add_recipient(recipient)
         self.reply(250, "2.1.5", "Ok")
 
-    def do_DATA(self, arg: bytes) -> None:
-        tx = self._tx
-        if tx is None:
-            raise SMTPReply(503, "5.5.1", "Error: need MAIL command")
-        if not tx.recipients:
-            raise SMTPReply(554, "5.5.1", "Error: no valid recipients")
-        if arg:
-            raise SMTPReply(501, "5.5.4", "Syntax: DATA")
-        assert self._session is not None
-        tx.open(self._f.sink, self._session)
-        self._reader = DataReader(normalize=self._listener.bare_newline == "normalize",
-                                  strip_nul=self._listener.nul == "strip")
-        self._mode = DATA
-        self._deadline = self._f.clock.callLater(2 * self._listener.timeout, self._timed_out)
-        self.reply(354, None, "End data with <CR><LF>.<CR><LF>")
-
     def do_RSET(self, arg: bytes) -> None:
         self._reset_transaction()
         self.reply(250, "2.0.0", "Ok")
@@ -496,86 +463,26 @@ class SMTPServerProtocol(SMTPConnection):
         self.reply(252, "2.0.0", "Cannot VRFY user; try RCPT to attempt delivery")
 
     def do_HELP(self, arg: bytes) -> None:
-        self.reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+        self.reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT")
 
     def do_QUIT(self, arg: bytes) -> None:
         self._close(221, "2.0.0", "Bye")
-
-    def do_BDAT(self, arg: bytes) -> None:
-        # Not advertised; answered here so the client's chunk is not read
-        # as commands (Postfix closes on BDAT when CHUNKING is off too).
-        self._refuse(421, "4.7.0", f"{self._f.hostname} Error: BDAT without CHUNKING")
 
     _COMMANDS: dict[bytes, Callable[[SMTPServerProtocol, bytes], object]] = {
         b"HELO": do_HELO,
         b"EHLO": do_EHLO,
         b"MAIL": do_MAIL,
         b"RCPT": do_RCPT,
-        b"DATA": do_DATA,
+        b"DATA": MessageIntake.do_DATA,
         b"RSET": do_RSET,
         b"NOOP": do_NOOP,
         b"VRFY": do_VRFY,
         b"HELP": do_HELP,
         b"QUIT": do_QUIT,
-        b"BDAT": do_BDAT,
+        b"BDAT": MessageIntake.do_BDAT,
         b"STARTTLS": do_STARTTLS,
         b"AUTH": do_AUTH,
     }
-
-    # -- DATA ----------------------------------------------------------------
-
-    def _feed_data(self, data: bytes) -> None:
-        content, rest = self._reader.feed(data)
-        tx = self._tx
-        assert tx is not None
-        behind = tx.write(content, self._listener.max_message_size)
-        if behind is not None and not self._spool_behind:
-            self._spool_behind = True
-            self._update_reading()
-            behind.addBoth(self._spool_caught_up)
-        if self._reader.bare_newline and self._listener.bare_newline == "reject":
-            tx.refuse(SMTPReply(554, "5.6.0", "Error: bare <CR> or <LF> received"))
-        if self._reader.nul and self._listener.nul == "reject":
-            tx.refuse(SMTPReply(554, "5.6.0", "Error: NUL character received"))
-        if rest is not None:
-            self._mode = COMMAND
-            if self._deadline is not None and self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-            if rest:
-                self._buf[:0] = rest
-            self._end_of_data()
-
-    def _end_of_data(self) -> None:
-        tx = self._tx
-        assert tx is not None
-        if tx.error is not None:
-            e = tx.error
-            self._stage = "END-OF-MESSAGE"
-            self.error_reply(e.code, e.enhanced, e.text)
-            self._reset_transaction()
-            return
-        d = tx.finish()
-        d.addCallbacks(self._queued, self._not_queued, callbackArgs=(tx.size,))
-        self.wait(d)
-
-    def _queued(self, queue_id: str, size: int) -> None:
-        self._reset_transaction()
-        self._messages += 1
-        self._f.metrics.messages_received.labels(self._listener.name).inc()
-        self._f.metrics.message_size.labels(self._listener.name).observe(size)
-        self.reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-    def _not_queued(self, failure: Failure) -> None:
-        self._stage = "END-OF-MESSAGE"
-        if not failure.check(SMTPReply):
-            log.failure("queue file write error for [{client}]", failure, client=self._client)
-            self.error_reply(451, "4.3.0", "Error: queue file write error")
-        else:
-            e = failure.value
-            assert isinstance(e, SMTPReply)
-            self.error_reply(e.code, e.enhanced, e.text)
-        self._reset_transaction()
 
     def _rejected(self, code: int, enhanced: str | None, text: str) -> None:
         s = self._session
@@ -585,8 +492,4 @@ class SMTPServerProtocol(SMTPConnection):
             recipient=self._rcpt, proto=s.protocol if s else "SMTP", helo=s.helo if s else "",
         )
 
-    def _reset_transaction(self) -> None:
-        tx, self._tx = self._tx, None
-        if tx is not None:
-            tx.abort()
 

@@ -11,12 +11,27 @@ from __future__ import annotations
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from relayd.errors import SMTPReply
 from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
 from relayd.smtpd.address import AddressSyntaxError, parse_params, parse_path
+from relayd.smtpd.chunking import ChunkReader
 
-__all__ = ["MailFrom", "Transaction", "parse_mail", "parse_rcpt"]
+__all__ = ["MailFrom", "Session", "Transaction", "parse_mail", "parse_rcpt"]
+
+
+@implementer(ISession)
+@define
+class Session:
+    """What is known about the client, handed to the sink with each message."""
+
+    listener: str
+    client_address: str
+    route: str
+    helo: str = ""
+    user: str | None = None
+    protocol: str = "SMTP"
 
 
 @define(frozen=True)
@@ -97,6 +112,9 @@ class Transaction:
     receiver: IMessageReceiver | None = None
     error: SMTPReply | None = None
     size: int = 0
+    #: Set by the first BDAT: the message's content comes in chunks (and
+    #: DATA is refused, RFC 3030 §2).
+    chunks: ChunkReader | None = None
 
     def add_recipient(self, recipient: str) -> None:
         # A duplicate is accepted and delivered once (Postfix's cleanup
