@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relayd.config import ListenerConfig
 from relayd.errors import SMTPReply
@@ -42,6 +43,7 @@ COMMAND, DATA, BDAT, CLOSING = "command", "data", "bdat", "closing"
 _CONTENT = (DATA, BDAT)
 
 
+@implementer(IHalfCloseableProtocol)
 class SMTPConnection(Protocol):
     """Input, output and timers of one session; the commands are the subclass's."""
 
@@ -65,6 +67,8 @@ class SMTPConnection(Protocol):
         # (a client faster than the disk must not park the message in memory).
         self._spool_behind = False
         self._errors = 0
+        #: The client half-closed (readConnectionLost): nothing more will come.
+        self._eof = False
         self._idle: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
 
@@ -132,7 +136,8 @@ class SMTPConnection(Protocol):
     def _update_reading(self) -> None:
         pause = (self._replies_blocked or self._spool_behind
                  or (self._waiting and len(self._buf) > PIPELINE_BUFFER_LIMIT))
-        if pause != self._reading_paused and self.connected and self._mode != CLOSING:
+        if (pause != self._reading_paused and self.connected and self._mode != CLOSING
+                and not self._eof):
             self._reading_paused = pause
             if pause:
                 self._t.pauseProducing()
@@ -210,7 +215,26 @@ class SMTPConnection(Protocol):
                     self._close_if_idle()
         finally:
             self._in_process = False
+        if self._eof and not self._waiting and self._mode != CLOSING:
+            # The client sent all it will send and everything it sent has
+            # been answered: the end (an unfinished message is dropped).
+            self._mode = CLOSING
+            self._t.loseConnection()
+            return
         self._update_reading()
+
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client shut its sending side (Exim
+        does, after a QUIT pipelined behind its last BDAT).  Everything it
+        sent is still answered: a message still being made durable gets its
+        250 before the connection closes, or the client, seeing no reply,
+        would send it again."""
+        self._eof = True
+        self._process()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client no longer reads; nothing to say."""
+        self._t.abortConnection()
 
     def _next_line(self) -> bytes | None:
         """The next complete line without its CRLF, or None; over-long

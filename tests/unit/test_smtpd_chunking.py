@@ -181,3 +181,26 @@ def test_parse_bdat():
     assert parse_bdat(b"0 LAST") == (0, True)
     assert parse_bdat(b"12 last") == (12, True)
     assert parse_bdat(b"7") == (7, False)
+
+
+def test_half_close_after_pipelined_quit_still_gets_the_250():
+    """The client shuts its sending side behind BDAT LAST + QUIT (Exim does): the
+    message is answered once durable, then 221, then the close."""
+    c = Conversation()
+    c.sink.hold = True
+    start(c)
+    assert c.send(b"BDAT 2 LAST\r\nokQUIT\r\n") == []
+    c.protocol.readConnectionLost()
+    assert not c.transport.disconnecting
+    c.sink.release_all()
+    replies = c.replies()
+    assert queued(replies[0]) and replies[1] == "221 2.0.0 Bye"
+    assert c.transport.disconnecting and len(c.sink.messages) == 1
+
+
+def test_half_close_mid_message_drops_it():
+    c = Conversation()
+    start(c)
+    c.send(b"BDAT 10 LAST\r\nabc")
+    c.protocol.readConnectionLost()
+    assert c.transport.disconnecting and c.sink.messages == []
