@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from relayd.content import IN_MEMORY_LIMIT, Content, patch_chunks
 from relayd.dkim.signer import MessageSigning, Signer, SigningFailed
-from relayd.envelope import Envelope, QueuedMessage
+from relayd.envelope import DSNRequest, Envelope, QueuedMessage
 from relayd.errors import QueueFull, SMTPReply
 from relayd.interfaces import (
     IMessageReceiver,
@@ -148,6 +148,7 @@ class Cleanup:
         recipients: tuple[str, ...],
         smtputf8: bool,
         body: str | None,
+        dsn: DSNRequest | None = None,
     ) -> CleanupMessage:
         envelope = Envelope(
             sender=sender,
@@ -160,6 +161,7 @@ class Cleanup:
             user=session.user,
             smtputf8=smtputf8,
             body=body,
+            dsn=dsn or DSNRequest(),
         )
         return CleanupMessage(self, session, self.spool.open_message(envelope), envelope)
 

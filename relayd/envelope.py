@@ -40,6 +40,76 @@ def is_queue_id(text: str) -> bool:
 
 
 @frozen
+class RecipientDSN:
+    """RCPT's DSN parameters (RFC 3461 §4.1, §4.2).
+
+    :param notify: ``()`` when the client gave no NOTIFY (then: failures and
+        delays, RFC 3461 §4.1), ``("NEVER",)``, or some of ``SUCCESS``,
+        ``FAILURE``, ``DELAY``.
+    :param orcpt: ``addr-type;address`` with the xtext decoded, or ``""``.
+    """
+
+    notify: tuple[str, ...] = ()
+    orcpt: str = ""
+
+    def wants(self, event: str) -> bool:
+        """Does the sender want a DSN for ``event`` (SUCCESS, FAILURE, DELAY)?"""
+        if not self.notify:
+            return event in ("FAILURE", "DELAY")
+        return event in self.notify
+
+
+@frozen
+class DSNRequest:
+    """MAIL's and RCPT's DSN parameters (RFC 3461) for one message.
+
+    :param ret: ``FULL``, ``HDRS`` or None (not given: relayd returns the
+        full message, as Postfix does).
+    :param envid: the envelope id, xtext decoded, or None.
+    :param recipients: ``(recipient, RecipientDSN)`` for recipients that
+        gave any parameter.
+    """
+
+    ret: str | None = None
+    envid: str | None = None
+    recipients: tuple[tuple[str, RecipientDSN], ...] = ()
+
+    def of(self, recipient: str) -> RecipientDSN:
+        for rcpt, params in self.recipients:
+            if rcpt == recipient:
+                return params
+        return RecipientDSN()
+
+    def __bool__(self) -> bool:
+        return bool(self.ret or self.envid or self.recipients)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.ret:
+            data["ret"] = self.ret
+        if self.envid is not None:
+            data["envid"] = self.envid
+        if self.recipients:
+            data["recipients"] = {r: {"notify": list(p.notify), "orcpt": p.orcpt}
+                                  for r, p in self.recipients}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> DSNRequest:
+        """Envelopes written before DSN support have no ``dsn`` key: no request."""
+        if not data:
+            return cls()
+        return cls(
+            ret=data.get("ret"),
+            envid=data.get("envid"),
+            recipients=tuple(
+                (str(r), RecipientDSN(tuple(p.get("notify", ())), str(p.get("orcpt", ""))))
+                for r, p in dict(data.get("recipients", {})).items()
+            ),
+        )
+
+
+@frozen
 class Envelope:
     """What RFC 5321 calls the envelope, plus where the message came from.
 
@@ -63,9 +133,12 @@ class Envelope:
     smtputf8: bool = False
     body: str | None = None
     size: int = 0
+    #: RFC 3461 parameters; the JSON key is written only when there are any,
+    #: and spools from before DSN support (no key) read as "none given".
+    dsn: DSNRequest = DSNRequest()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "sender": self.sender,
             "recipients": list(self.recipients),
             "route": self.route,
@@ -78,6 +151,9 @@ class Envelope:
             "body": self.body,
             "size": self.size,
         }
+        if self.dsn:
+            data["dsn"] = self.dsn.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Envelope:
@@ -93,6 +169,7 @@ class Envelope:
             smtputf8=bool(data.get("smtputf8", False)),
             body=data.get("body"),
             size=int(data.get("size", 0)),
+            dsn=DSNRequest.from_json(data.get("dsn")),
         )
 
 

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from relayd.content import Content
-    from relayd.envelope import DeliveryResult, Envelope, QueuedMessage, RecipientResult
+    from relayd.envelope import (
+        DeliveryResult,
+        DSNRequest,
+        Envelope,
+        QueuedMessage,
+        RecipientResult,
+    )
 
 
 class ISession(Interface):
@@ -72,8 +78,10 @@ class ISubmissionSink(Interface):
         recipients: tuple[str, ...],
         smtputf8: bool,
         body: str | None,
+        dsn: DSNRequest | None = None,
     ) -> IMessageReceiver:
-        """Start a message for an accepted envelope."""
+        """Start a message for an accepted envelope; ``dsn``: the client's
+        RFC 3461 parameters, kept in the envelope."""
 
 
 class ISpool(Interface):

@@ -40,6 +40,7 @@ EHLO_REPLY = [
     "250-SIZE 26214400",
     "250-ENHANCEDSTATUSCODES",
     "250-8BITMIME",
+    "250-DSN",
     "250-SMTPUTF8",
     "250 CHUNKING",
 ]
@@ -97,7 +98,7 @@ def test_greeting():
 
 
 def test_ehlo_advertises_exactly_the_implemented_extensions():
-    """EHLO lists PIPELINING, SIZE, ENHANCEDSTATUSCODES, 8BITMIME, SMTPUTF8, CHUNKING;
+    """EHLO lists PIPELINING, SIZE, ENHANCEDSTATUSCODES, 8BITMIME, DSN, SMTPUTF8, CHUNKING;
     no AUTH/STARTTLS."""
     c = Conversation()
     reply = c.send("EHLO client.example\r\n")
@@ -377,13 +378,13 @@ def test_unknown_mail_and_rcpt_parameters():
     """Unsupported ESMTP parameters are 555 5.5.4 (RFC 5321 §4.1.1.11)."""
     c = Conversation()
     assert c.send(
-        "MAIL FROM:<a@example.org> RET=HDRS\r\n"
+        "MAIL FROM:<a@example.org> XRET=HDRS\r\n"
         "MAIL FROM:<a@example.org>\r\n"
-        "RCPT TO:<b@example.net> NOTIFY=NEVER\r\n"
+        "RCPT TO:<b@example.net> XNOTIFY=NEVER\r\n"
     ) == [
-        "555 5.5.4 Unsupported option: RET",
+        "555 5.5.4 Unsupported option: XRET",
         MAIL_OK,
-        "555 5.5.4 Unsupported option: NOTIFY",
+        "555 5.5.4 Unsupported option: XNOTIFY",
     ]
 
 

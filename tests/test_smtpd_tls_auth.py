@@ -177,6 +177,7 @@ def test_ehlo_advertises_starttls_but_not_auth_before_tls() -> None:
         "250-STARTTLS",
         "250-ENHANCEDSTATUSCODES",
         "250-8BITMIME",
+        "250-DSN",
         "250-SMTPUTF8",
         "250 CHUNKING",
     ]
@@ -192,6 +193,7 @@ def test_ehlo_after_starttls_advertises_auth_and_not_starttls() -> None:
         "250-AUTH PLAIN LOGIN",
         "250-ENHANCEDSTATUSCODES",
         "250-8BITMIME",
+        "250-DSN",
         "250-SMTPUTF8",
         "250 CHUNKING",
     ]

@@ -325,7 +325,7 @@ class SMTPServerProtocol(MessageIntake):
         if self._auth_allowed_here:
             # Never CRAM-MD5: it needs the plaintext password on our side.
             lines.append("AUTH PLAIN LOGIN")
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"]
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
         write_now(self._t, ("\r\n".join(out) + "\r\n").encode("ascii"))
 
@@ -436,7 +436,8 @@ class SMTPServerProtocol(MessageIntake):
         tx = self._tx
         if tx is None:
             raise SMTPReply(503, "5.5.1", "Error: need MAIL command")
-        recipient = self._rcpt = parse_rcpt(arg, tx.mail)
+        recipient, dsn = parse_rcpt(arg, tx.mail)
+        self._rcpt = recipient
         if len(tx.recipients) >= self._listener.max_recipients:
             # Not counted as an error: Postfix lets a client overshoot the
             # limit (smtpd_recipient_overshoot_limit) and sends the rest later.
@@ -447,7 +448,7 @@ class SMTPServerProtocol(MessageIntake):
                 self._count_error()
             return
         self._policy.check_recipient(recipient, self._permitted)
-        tx.add_recipient(recipient)
+        tx.add_recipient(recipient, dsn)
         self.reply(250, "2.1.5", "Ok")
 
     def do_RSET(self, arg: bytes) -> None:

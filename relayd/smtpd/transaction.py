@@ -13,10 +13,12 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from relayd.envelope import DSNRequest, RecipientDSN
 from relayd.errors import SMTPReply
 from relayd.interfaces import IMessageReceiver, ISession, ISubmissionSink
 from relayd.smtpd.address import AddressSyntaxError, parse_params, parse_path
 from relayd.smtpd.chunking import ChunkReader
+from relayd.smtpd.dsnparams import parse_envid, parse_ret, rcpt_dsn
 
 __all__ = ["MailFrom", "Session", "Transaction", "parse_mail", "parse_rcpt"]
 
@@ -41,6 +43,9 @@ class MailFrom:
     sender: str
     smtputf8: bool = False
     body: str | None = None
+    #: RFC 3461: RET (FULL/HDRS) and ENVID (xtext decoded), None if not given.
+    ret: str | None = None
+    envid: str | None = None
 
 
 def _decode(arg: bytes) -> str | None:
@@ -61,9 +66,17 @@ def parse_mail(arg: bytes, max_size: int) -> MailFrom:
     except AddressSyntaxError:
         raise SMTPReply(501, "5.1.7", "Bad sender address syntax") from None
     smtputf8 = False
-    body = None
+    body = ret = envid = None
+    seen: set[str] = set()
     for key, value in params:
-        if key == "SIZE" and value and value.isascii() and value.isdigit() and len(value) < 20:
+        if key in seen:
+            raise SMTPReply(501, "5.5.4", f"Duplicate {key} parameter")
+        seen.add(key)
+        if key == "RET":
+            ret = parse_ret(value)
+        elif key == "ENVID":
+            envid = parse_envid(value)
+        elif key == "SIZE" and value and value.isascii() and value.isdigit() and len(value) < 20:
             if int(value) > max_size:
                 raise SMTPReply(552, "5.3.4", "Message size exceeds fixed limit")
         elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
@@ -76,11 +89,12 @@ def parse_mail(arg: bytes, max_size: int) -> MailFrom:
             raise SMTPReply(555, "5.5.4", f"Unsupported option: {key}")
     if not smtputf8 and not sender.isascii():
         raise SMTPReply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
-    return MailFrom(sender, smtputf8, body)
+    return MailFrom(sender, smtputf8, body, ret, envid)
 
 
-def parse_rcpt(arg: bytes, mail: MailFrom) -> str:
-    """``TO:<path> [params]`` -> the recipient, or the SMTPReply refusing it."""
+def parse_rcpt(arg: bytes, mail: MailFrom) -> tuple[str, RecipientDSN]:
+    """``TO:<path> [params]`` -> the recipient and its DSN parameters, or the
+    SMTPReply refusing it."""
     text = _decode(arg)
     if text is None or text[:3].upper() != "TO:":
         raise SMTPReply(501, "5.5.4", "Syntax: RCPT TO:<address>")
@@ -91,11 +105,12 @@ def parse_rcpt(arg: bytes, mail: MailFrom) -> str:
         raise SMTPReply(501, "5.1.3", "Bad recipient address syntax") from None
     if not recipient:
         raise SMTPReply(501, "5.1.3", "Bad recipient address syntax")
-    for key, _ in params:
+    dsn, other = rcpt_dsn(params)
+    for key in other:
         raise SMTPReply(555, "5.5.4", f"Unsupported option: {key}")
     if not mail.smtputf8 and not recipient.isascii():
         raise SMTPReply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
-    return recipient
+    return recipient, dsn
 
 
 @define
@@ -109,6 +124,8 @@ class Transaction:
 
     mail: MailFrom
     recipients: list[str] = field(factory=list)
+    #: Recipients that gave NOTIFY or ORCPT, with them.
+    dsn: list[tuple[str, RecipientDSN]] = field(factory=list)
     receiver: IMessageReceiver | None = None
     error: SMTPReply | None = None
     size: int = 0
@@ -116,17 +133,21 @@ class Transaction:
     #: DATA is refused, RFC 3030 §2).
     chunks: ChunkReader | None = None
 
-    def add_recipient(self, recipient: str) -> None:
+    def add_recipient(self, recipient: str, dsn: RecipientDSN | None = None) -> None:
         # A duplicate is accepted and delivered once (Postfix's cleanup
-        # drops duplicates too).
+        # drops duplicates too), with the DSN parameters it came with first.
         if recipient not in self.recipients:
             self.recipients.append(recipient)
+            if dsn is not None and dsn != RecipientDSN():
+                self.dsn.append((recipient, dsn))
 
     def open(self, sink: ISubmissionSink, session: ISession) -> None:
         """Content is about to flow (DATA answered 354, or the first BDAT)."""
         m = self.mail
+        request = DSNRequest(m.ret, m.envid, tuple(self.dsn))
         self.receiver = sink.open_message(
-            session, m.sender, tuple(self.recipients), m.smtputf8, m.body
+            session, m.sender, tuple(self.recipients), m.smtputf8, m.body,
+            dsn=request if request else None,
         )
 
     def write(self, content: bytes, max_size: int) -> Deferred[None] | None:

@@ -8,6 +8,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from relayd.envelope import DSNRequest
 from relayd.errors import QueueFull
 from relayd.interfaces import (
     IMessageReceiver,
@@ -32,6 +33,7 @@ class RecordedMessage:
     smtputf8: bool
     body: str | None
     content: bytes = b""
+    dsn: DSNRequest | None = None
     queue_id: str | None = None
 
 
@@ -148,6 +150,7 @@ class RecordingSink:
         recipients: tuple[str, ...],
         smtputf8: bool,
         body: str | None,
+        dsn: DSNRequest | None = None,
     ) -> RecordingReceiver:
         message = RecordedMessage(
             session=session,
@@ -156,6 +159,7 @@ class RecordingSink:
             recipients=tuple(recipients),
             smtputf8=smtputf8,
             body=body,
+            dsn=dsn,
         )
         receiver = RecordingReceiver(self, message)
         self.receivers.append(receiver)
