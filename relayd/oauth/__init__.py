@@ -1,6 +1,7 @@
 """OAuth 2.0 access tokens for smarthost AUTH (issue 19): the token provider
 (when to refresh, one refresh at a time, back-off, errors that need a human)
-and the refresh-token file.  The token endpoint is an interface
+the refresh-token file, and the token requests and answers (:mod:`.grants`:
+client credentials, refresh token, Google service-account JWT).  The token endpoint is an interface
 (:class:`~relayd.oauth.provider.ITokenEndpoint`); the HTTPS client and the
 config wiring are still to come."""
 
