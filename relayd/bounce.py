@@ -299,6 +299,9 @@ def _report(
 ) -> bytes:
     """Part 2, for programs: RFC 3464 §2.2 per-message and §2.3 per-recipient fields."""
     fields: list[bytes] = []
+    if envelope.dsn.envid is not None:
+        # RFC 3464 §2.2.1: the client's ENVID (RFC 3461 §4.4), before Reporting-MTA.
+        fields += _fold_field("Original-Envelope-Id", _clean(envelope.dsn.envid, utf8))
     fields += _fold_field("Reporting-MTA", f"dns; {_clean(reporting_mta, utf8)}")
     fields += _fold_field("X-Relayd-Queue-ID", _clean(queue_id, utf8))
     fields += _fold_field("X-Relayd-Sender", _address_field(envelope.sender, utf8))
@@ -307,8 +310,10 @@ def _report(
         reply = _clean(result.reply, utf8)
         fields.append(b"")
         fields += _fold_field("Final-Recipient", _address_field(result.recipient, utf8))
-        # Original-Recipient (RFC 3464 §2.3.1) only when known: relayd does not
-        # keep ORCPT, and guessing it would be worse than leaving it out.
+        # Original-Recipient (RFC 3464 §2.3.1) only when the client gave ORCPT.
+        orcpt = envelope.dsn.of(result.recipient).orcpt
+        if orcpt:
+            fields += _fold_field("Original-Recipient", _clean(orcpt, utf8))
         fields += _fold_field("Action", FAILED)
         fields += _fold_field("Status", diagnostic_status(reply))
         if remote_name:

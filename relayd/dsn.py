@@ -69,6 +69,9 @@ class DSNQueue:
                 queue_id=message.queue_id, envelope=message.envelope, failed=list(failed),
                 content=data, reporting_mta=self.hostname, bounce_from=self.bounce_from,
                 now=now, remote_mta=_host_of(remote),
+                # RFC 3461 §4.3: RET=FULL asks for the whole message; without
+                # RET (or RET=HDRS) the headers, Postfix's choice.
+                return_content="full" if message.envelope.dsn.ret == "FULL" else "headers",
             )
             envelope = Envelope(sender="", recipients=(message.envelope.sender,),
                                 route=message.envelope.route, arrival=now, listener="bounce",

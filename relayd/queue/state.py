@@ -198,6 +198,13 @@ class QueueState:
             maillog.info("{queue_id}: bounce of a bounce not sent (null sender)",
                          queue_id=message.queue_id)
             return succeed(None)
+        # RFC 3461 §4.1: NOTIFY without FAILURE (e.g. NEVER) asks for none.
+        wanted = [r for r in failed if message.envelope.dsn.of(r.recipient).wants("FAILURE")]
+        if not wanted:
+            maillog.info("{queue_id}: sender non-delivery notification not sent (NOTIFY)",
+                         queue_id=message.queue_id)
+            return succeed(None)
+        failed = wanted
 
         def queued(bounce_id: QueueId) -> None:
             maillog.info("{queue_id}: sender non-delivery notification: {bounce_id}",
