@@ -772,7 +772,8 @@ class Cell:
 
     def __init__(self, workload: str, sessions: int, size: int, messages: int,
                  concurrency: int, reuse_connections: bool = False,
-                 backlog: int | None = None, max_message_size: int | None = None) -> None:
+                 backlog: int | None = None, max_message_size: int | None = None,
+                 relayd_extra: str = "") -> None:
         self.workload = workload
         self.sessions = sessions
         self.size = size
@@ -781,6 +782,7 @@ class Cell:
         self.reuse_connections = reuse_connections
         self.backlog = backlog  # relayd's listen backlog; None = relayd's default
         self.max_message_size = max_message_size  # --big: both relays' limit; None = default
+        self.relayd_extra = relayd_extra  # --relayd-extra: TOML appended to relayd's config
 
     @property
     def name(self) -> str:
@@ -949,7 +951,7 @@ class RelaydServer:
                 f'[route.outbox]\nmaildir = "{self.rundir}/outbox"\n'
                 f"concurrency = {self.concurrency}\n"
             )
-        return text
+        return text + self.cell.relayd_extra
 
     def start(self, timeout: float = 60.0) -> None:
         with open(self.config, "w") as f:
@@ -2361,6 +2363,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                    help="relayd's SMTP listen backlog (listen = \"tcp:0:...:backlog=N\"); default: "
                         "relayd's own (1024). Postfix's smtpd listens with a backlog "
                         "of 100 (default_process_limit)")
+    p.add_argument("--relayd-extra", metavar="FILE",
+                   help="TOML appended to relayd's config, e.g. a [[dkim]] table for "
+                        "domain bench.test (smtp-source's From: domain) to measure signing")
     p.add_argument("--reuse-connections", action="store_true",
                    help="smtp-source -d: send all of a session's messages over one connection")
     p.add_argument("--probe-interval", type=float, default=0.05,
@@ -2441,8 +2446,16 @@ def make_cells(args: argparse.Namespace) -> list[Cell]:
         for size, messages in zip(args.sizes, args.messages):
             conc = sessions if args.concurrency == "match" else int(args.concurrency)
             cells.append(Cell(args.workload, sessions, size, messages, conc,
-                              args.reuse_connections, args.backlog))
+                              args.reuse_connections, args.backlog,
+                              relayd_extra=_read_extra(args.relayd_extra)))
     return cells
+
+
+def _read_extra(path: str | None) -> str:
+    if path is None:
+        return ""
+    with open(path) as f:
+        return "\n" + f.read()
 
 
 def _make_relayd(key: str, command: str, cell: Cell, rundir: str,
