@@ -49,11 +49,16 @@ def _run(config_option: str | None, log_format: str | None = None) -> int:
         return 1
     from twisted.internet.error import CannotListenError
 
+    # twistd has sent sys.stderr into the log by the time the start fails:
+    # the one line goes to the real stderr, where check-config puts it.
     try:
         runApp(options)
+    except ConfigError as e:
+        # A spool in use, a port that cannot be had: FILE: key: reason.
+        print(e, file=sys.__stderr__)
+        return 1
     except (OSError, CannotListenError) as e:
-        # e.g. a port in use, or a spool directory we may not create.
-        print(f"relayd: cannot start: {e}", file=sys.stderr)
+        print(f"relayd: cannot start: {e}", file=sys.__stderr__)
         return 1
     return 0
 

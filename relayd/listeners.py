@@ -18,6 +18,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.errors import ConfigError
 from relayd.smtpd.factory import SMTPServerFactory
 
 log = Logger(namespace="relayd")
@@ -75,12 +76,18 @@ class ListenerService(Service):
 
     :param smtp: the SMTP factory behind the port, whose sessions a stop
         lets finish their transactions (within ``grace`` seconds).
+    :param source: the config file and ``key`` the config key that named
+        the endpoint (``listener[NAME].listen``, ``http.listen``): a port
+        that cannot be had is a :class:`ConfigError` naming both.
     """
 
     def __init__(self, name: str, description: str, factory: Any, reactor: Any,
-                 smtp: SMTPServerFactory | None = None, grace: float = 30.0) -> None:
+                 smtp: SMTPServerFactory | None = None, grace: float = 30.0,
+                 *, source: str = "-", key: str = "-") -> None:
         self.name = name
         self.description = description
+        self.source = source
+        self.key = key
         self._factory = SwitchFactory(factory)
         self._reactor = reactor
         self.smtp = smtp
@@ -99,18 +106,36 @@ class ListenerService(Service):
         description = self.description
         if self._bound_port is not None:
             description = same_port(description, self._bound_port)
-        endpoint = serverFromString(self._reactor, with_backlog(description))
+        try:
+            endpoint = serverFromString(self._reactor, with_backlog(description))
+        except Exception as e:
+            raise self._cannot(e) from None
         outcome: list[Any] = []
         endpoint.listen(self._factory).addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"{self.name}: {self.description} did not bind at once")
         if isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
+            raise self._cannot(outcome[0].value or RuntimeError("cannot listen")) from None
         self.port = outcome[0]
         address = self.port.getHost()
         self._bound_port = getattr(address, "port", None)
         log.info("{name} listening on {host}:{port}", name=self.name,
                  host=getattr(address, "host", "?"), port=getattr(address, "port", "?"))
+
+    def _cannot(self, error: BaseException) -> ConfigError:
+        """``FILE: key: cannot listen on ENDPOINT: reason``, the reason
+        without Twisted's wrapping ("Couldn't listen on ...: [Errno 98]")."""
+        cause = getattr(error, "socketError", None) or error
+        reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        return ConfigError(self.source, self.key,
+                           f"cannot listen on {self.description}: {reason}")
+
+    def unbind(self) -> None:
+        """Close the port (if bound) without waiting: a start that fails
+        after this port was bound leaves nothing bound."""
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
 
     def startService(self) -> None:
         self.privilegedStartService()

@@ -1,10 +1,9 @@
 """The relay's parts built from a :class:`Config`: certificates, auth
-backends, couriers, DKIM keys, and the checks that read every file a config
-names.
+backends, couriers, DKIM keys.
 
 Shared by the start (:mod:`relayd.service`), a reload (:mod:`relayd.reload`)
-and ``relayd check-config``, so the three build and check exactly the same
-things: a file that stops ``run`` also stops ``check-config``.
+and the checks of ``relayd check-config`` (:mod:`relayd.preflight`), so the
+three build exactly the same things.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from relayd.dkim.signer import DomainKey, Signer
 from relayd.errors import ConfigError
 from relayd.interfaces import IAuthBackend, ICourier
 from relayd.metrics import Metrics
-from relayd.tls import ServerTLS, route_client_tls, server_tls_files
+from relayd.tls import ServerTLS, server_tls_files
 
 log = Logger(namespace="relayd")
 
@@ -76,27 +75,6 @@ def make_courier(route: RouteConfig, disk: DiskWriter, hostname: str, reactor: A
     if route.maildir is not None:
         return MaildirCourier(route.maildir, disk, hostname, clock=reactor)
     return SmarthostCourier(route, hostname, reactor, metrics=metrics)
-
-
-def stop_courier(courier: ICourier) -> Any:
-    """Close a smarthost courier's cached connections (its deliveries in
-    flight finish first); a maildir courier holds nothing open."""
-    if isinstance(courier, SmarthostCourier):
-        return courier.stop()
-    return None
-
-
-def check_files(config: Config) -> None:
-    """Read what the config points at (TLS certificates, CA files, DKIM keys) now, so a
-    missing or broken file is a config error before anything listens."""
-    for listener in config.listeners:
-        server_tls(config, listener)
-    for route in config.routes.values():
-        try:
-            route_client_tls(route)
-        except ConfigError as e:
-            raise ConfigError(config.source, e.key, e.reason) from None
-    dkim_signer(config)
 
 
 def dkim_signer(config: Config, metrics: Metrics | None = None) -> Signer:

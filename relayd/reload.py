@@ -125,11 +125,10 @@ class ReloadPlan:
             svc = relay.new_listener(new, listener, self.tls.get(listener.name), self.backends)
             try:
                 svc.privilegedStartService()
-            except Exception as e:
-                raise ConfigError(new.source, f"listener.{listener.name}.listen",
-                                  f"cannot listen on {listener.listen.description}: {e} "
-                                  "(moving a listener onto a port in use, its own included, "
-                                  "needs a restart)") from None
+            except ConfigError as e:
+                raise ConfigError(e.source, e.key,
+                                  f"{e.reason} (moving a listener onto a port in use, its own "
+                                  "included, needs a restart)") from None
             self.added[listener.name] = svc
 
     def _discard(self) -> None:

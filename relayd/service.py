@@ -11,6 +11,7 @@ status view in :mod:`relayd.status`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import Any
@@ -39,11 +40,11 @@ from relayd.metrics import Metrics
 from relayd.parts import (
     auth_backends,
     backend_of,
-    check_files,
     dkim_signer,
     make_courier,
     server_tls,
 )
+from relayd.preflight import check_files
 from relayd.qmgr import QueueManager
 from relayd.queue.schedule import RetrySchedule
 from relayd.queue.spool import Spool, control_socket_address, control_socket_path
@@ -110,13 +111,15 @@ class RelayService(MultiService):
             service.setServiceParent(self)
             self.listeners.append(service)
         self.control = ListenerService(
-            "control", "", ControlFactory(self.qmgr.state, self.drain, self.undrain), reactor
+            "control", "", ControlFactory(self.qmgr.state, self.drain, self.undrain), reactor,
+            source=config.source, key="server.spool",
         )
         self.control.setServiceParent(self)
         self.http: ListenerService | None = None
         if config.http.listen is not None:
             site = make_site(self.status, self.metrics, self.qmgr.update_metrics)
-            self.http = ListenerService("http", config.http.listen.description, site, reactor)
+            self.http = ListenerService("http", config.http.listen.description, site, reactor,
+                                        source=config.source, key="http.listen")
             self.http.setServiceParent(self)
         # Last child: started once every listener above is bound (READY=1),
         # stopped first (STOPPING=1): MultiService stops children in reverse.
@@ -137,7 +140,8 @@ class RelayService(MultiService):
         )
         return ListenerService(f"listener {listener.name}", listener.listen.description,
                                self.listening(listener, tls, factory), self.reactor,
-                               smtp=factory, grace=config.server.stop_timeout)
+                               smtp=factory, grace=config.server.stop_timeout,
+                               source=config.source, key=f"listener[{listener.name}].listen")
 
     def listening(self, listener: ListenerConfig, tls: ServerTLS | None,
                    factory: SMTPServerFactory) -> Any:
@@ -155,25 +159,44 @@ class RelayService(MultiService):
         return listening
 
     def privilegedStartService(self) -> None:
-        self.spool.prepare()
-        self._lock = self.spool.lock()
+        """Take the spool and bind every port, or nothing: a failure is a
+        :class:`ConfigError` naming the key (``server.spool``,
+        ``listener[NAME].listen``, ``http.listen``) and whatever was bound
+        before it is released, so a failed start leaves no port behind."""
+        source, spool = self.config.source, self.config.server.spool
+        try:
+            self.spool.prepare()
+            self._lock = self.spool.lock()
+        except OSError as e:
+            raise ConfigError(source, "server.spool",
+                              f"cannot use {spool}: {e.strerror or e}") from None
         if self._lock is None:
-            raise OSError(f"the spool {self.config.server.spool} is in use by another relayd")
+            raise ConfigError(source, "server.spool", f"{spool} is in use by another relayd")
         # Ours now (we hold the lock): a socket file left by a crash goes.
         try:
-            os.unlink(control_socket_path(self.config.server.spool))
+            os.unlink(control_socket_path(spool))
         except FileNotFoundError:
             pass
         self.control.description = (
-            f"unix:{_escape(control_socket_address(self.config.server.spool))}:mode=600:lockfile=0"
+            f"unix:{_escape(control_socket_address(spool))}:mode=600:lockfile=0"
         )
         self.disk.start()
         try:
             super().privilegedStartService()
         except BaseException:
-            # Nothing was accepted yet; let the process exit instead of
-            # waiting on the disk thread.
+            # Nothing was accepted yet: release every port bound so far and
+            # the spool, and let the process exit instead of waiting on the
+            # disk thread.
+            for child in self:
+                if isinstance(child, ListenerService):
+                    child.unbind()
+            # The reactor never ran, so Twisted has not removed the socket
+            # file yet; we hold the spool lock, so it is ours to remove.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control_socket_path(spool))
             self.disk.stop()
+            os.close(self._lock)
+            self._lock = None
             raise
 
     def startService(self) -> None:

@@ -20,7 +20,7 @@ from relayd.config import Config, load, load_default
 from relayd.errors import ConfigError
 from relayd.hostname import resolve_hostname
 from relayd.listeners import DEFAULT_BACKLOG, ListenerService, SwitchFactory, with_backlog
-from relayd.parts import check_files
+from relayd.preflight import check_files
 from relayd.service import RelayService
 
 

@@ -166,7 +166,7 @@ def test_reload_refuses_a_listener_moved_onto_a_port_in_use(relay_factory) -> No
         f'name = "mta"\nlisten = "tcp:{http}:interface=127.0.0.1"')
     relay.config_path.write_text(text)
     out = reload(relay)
-    assert "reload refused" in out and "listener.mta.listen" in out
+    assert "reload refused" in out and "listener[mta].listen" in out
     assert send(relay.smtp_port).startswith("250")
 
 
