@@ -70,10 +70,9 @@ def check_files(config: Config) -> None:
     """
     for key, path in named_files(config):
         _check_readable(config, key, path)
+    # The spool stops a start; a maildir does not (a delivery into a broken
+    # one is deferred and retried, so the mail waits in the spool).
     _check_directory(config, "server.spool", config.server.spool)
-    for name, route in config.routes.items():
-        if route.maildir is not None:
-            _check_directory(config, f"route.{name}.maildir", route.maildir)
     if config.tls is not None:
         # The shared certificate, even when no listener uses it yet: a
         # reload that turns TLS on must not be the first to find it broken.
