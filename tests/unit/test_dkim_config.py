@@ -11,7 +11,8 @@ from relayd.cli import main
 from relayd.config import DkimConfig, parse, render
 from relayd.errors import ConfigError
 from relayd.metrics import Metrics
-from relayd.parts import check_files, dkim_signer
+from relayd.parts import dkim_signer
+from relayd.preflight import check_files
 from tests.dkimtools import keygen
 
 BASE = """
