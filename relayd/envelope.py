@@ -39,6 +39,13 @@ def is_queue_id(text: str) -> bool:
     return len(text) == 20 and all(c in "0123456789ABCDEF" for c in text)
 
 
+def xtext(text: str) -> str:
+    """RFC 3461 §4: ``+HH`` for "+", "=", and anything outside ``!``..``~``
+    (how ENVID and ORCPT travel to the next hop)."""
+    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=" else
+                   "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in text)
+
+
 @frozen
 class RecipientDSN:
     """RCPT's DSN parameters (RFC 3461 §4.1, §4.2).

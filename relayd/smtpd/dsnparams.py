@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from relayd.envelope import RecipientDSN
+from relayd.envelope import RecipientDSN, xtext
 from relayd.errors import SMTPReply
 
 __all__ = ["parse_envid", "parse_notify", "parse_orcpt", "parse_ret", "xtext", "xtext_decode"]
@@ -36,12 +36,6 @@ def xtext_decode(text: str, key: str) -> str:
     if any(not (0x20 <= ord(c) < 0x7F) for c in out):
         raise _bad(key)
     return out
-
-
-def xtext(text: str) -> str:
-    """RFC 3461 §4: ``+HH`` for "+", "=", and anything outside ``!``..``~``."""
-    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=" else
-                   "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in text)
 
 
 def parse_ret(value: str | None) -> str:

@@ -32,6 +32,7 @@ from relayd.envelope import (
     DeliveryResult,
     Envelope,
     RecipientResult,
+    xtext,
 )
 
 #: How much of the start of a message is searched for the header section
@@ -76,6 +77,8 @@ class Message:
             end = head.find(b"\r\n\r\n")
             self.utf8_header = not (head if end < 0 else head[:end]).isascii()
         self.smtputf8 = envelope.smtputf8 or self.utf8_envelope
+        #: RFC 3461 parameters, passed on to a smarthost that offers DSN.
+        self.dsn = envelope.dsn
         self._stuffed: tuple[bytes, bytes] | None = None
         if content.data is not None:
             self._stuffed = dot_stuff(content.data)
@@ -146,6 +149,11 @@ async def run(
         params += b" BODY=8BITMIME"
     if utf8:
         params += b" SMTPUTF8"
+    if "DSN" in ext:
+        if message.dsn.ret:
+            params += b" RET=" + message.dsn.ret.encode("ascii")
+        if message.dsn.envid is not None:
+            params += b" ENVID=" + xtext(message.dsn.envid).encode("ascii")
     try:
         mail = b"MAIL FROM:<" + _address(envelope.sender, utf8) + b">" + params + _CRLF
     except (ValueError, UnicodeError):
@@ -201,7 +209,8 @@ async def _transaction(
     rcpts: list[tuple[int, bytes]] = []
     for i in batch:
         try:
-            rcpts.append((i, b"RCPT TO:<" + _address(recipients[i], utf8) + b">\r\n"))
+            rcpts.append((i, b"RCPT TO:<" + _address(recipients[i], utf8) + b">"
+                          + _rcpt_dsn(conn, message, recipients[i]) + b"\r\n"))
         except (ValueError, UnicodeError):
             results[i] = RecipientResult(
                 recipients[i],
@@ -284,3 +293,17 @@ def size_limit(ext: dict[str, str]) -> int:
         return int(value)
     return 0
 
+
+
+def _rcpt_dsn(conn: SMTPClientProtocol, message: Message, recipient: str) -> bytes:
+    """NOTIFY/ORCPT for a smarthost that offers DSN (RFC 3461 §4.1, §4.2)."""
+    if "DSN" not in conn.extensions:
+        return b""
+    params = message.dsn.of(recipient)
+    out = b""
+    if params.notify:
+        out += b" NOTIFY=" + ",".join(params.notify).encode("ascii")
+    if params.orcpt:
+        kind, _, address = params.orcpt.partition(";")
+        out += b" ORCPT=" + f"{kind};{xtext(address)}".encode("ascii")
+    return out
