@@ -248,6 +248,9 @@ class QueueManager(Service):
 
     def _pump(self, route: str) -> None:
         ready = self._ready.get(route)
+        # The config gives every route its limit; a route it no longer has
+        # (removed by a reload) gets one attempt at a time, each of which
+        # only defers the message ("no route named ...").
         limit = self._concurrency.get(route, 1)
         while ready and not self._stopping and self._active.get(route, 0) < limit:
             queued, content = ready.popleft()

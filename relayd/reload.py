@@ -161,7 +161,7 @@ class ReloadPlan:
                             if c not in self.couriers.values()]
         relay.couriers = dict(self.couriers)
         relay.qmgr.set_routes(self.couriers,
-                              {name: r.concurrency for name, r in new.routes.items()})
+                              new.concurrency())
         for name in set(old.routes) - set(new.routes):
             log.warn("reload: route {route} removed; its queued messages are deferred until a "
                      "route of that name exists again", route=name)

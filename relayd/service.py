@@ -81,7 +81,7 @@ class RelayService(MultiService):
             self.spool, couriers,
             RetrySchedule(config.queue.retry, config.queue.lifetime),
             reactor, self.metrics,
-            {name: route.concurrency for name, route in config.routes.items()},
+            config.concurrency(),
             hostname=self.hostname, bounce_from=config.server.bounce_from, jitter=0.1,
         )
         self.cleanup = Cleanup(

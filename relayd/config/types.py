@@ -230,6 +230,11 @@ class Config:
     routes: dict[str, RouteConfig] = field(factory=dict)
     dkim: tuple[DkimConfig, ...] = ()
 
+    def concurrency(self) -> dict[str, int]:
+        """Attempts in flight per route, as every route's config says: the
+        one place the scheduler's limits come from, at start and reload."""
+        return {name: route.concurrency for name, route in self.routes.items()}
+
 
 #: What a reload (SIGHUP) cannot change in a running relay: the spool is
 #: locked and recovered at start, the HTTP endpoint and the hostname are
