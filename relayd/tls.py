@@ -4,6 +4,8 @@ Everything TLS-specific that the courier needs is built here, once per route,
 when the courier is constructed: the CA file and the client certificate are
 read at that point, so an unreadable or malformed file stops start-up (or a
 reload) with a :class:`ConfigError` instead of failing every delivery.
+Over 400 lines because the client and server sides share the file loading
+and the version policy, which must not drift apart.
 
 Policy (design §3 invariant 5: TLS to the smarthost is verified by default):
 

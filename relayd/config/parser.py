@@ -9,6 +9,11 @@ The package is pure on purpose: no Twisted, no DNS, no sockets.  The only I/O
 is reading the config file itself (:func:`load`) and the ``*_file`` secrets,
 which are read at load time so that a missing secret stops start-up instead
 of the first delivery.
+
+Over 400 lines because the checks that span sections (listener names, port
+clashes, routes and auth backends that must exist) belong with the
+top-level walk that sees every section; new sections of their own
+(``[auth.*]``, ``[route.*]``) live in :mod:`relayd.config.backends`.
 """
 
 from __future__ import annotations
