@@ -8,6 +8,6 @@ deb:
 	packaging/deb/build.sh -o dist
 
 # Install that .deb on a clean Debian 12 root (debootstrap; run as root) and
-# relay a message through it.  tests/test_deb_package.py also proves upgrades.
+# relay a message through it.  tests/system/test_deb_package.py also proves upgrades.
 prove-deb:
 	packaging/deb/prove.py "$$(packaging/deb/build.sh -o dist | tail -n 1)"

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Fuzz the ESMTP server protocol for a fixed time with tests/test_fuzz_protocol.py's properties.
+"""Fuzz the ESMTP server protocol for a fixed time with tests/unit/test_fuzz_protocol.py's properties.
 
 Plain ``random`` (no hypothesis database, no shrinking): each input is a
 session of random bytes or SMTP-like pieces (commands, dots, CR/LF fragments,
 whole transactions with end-of-data look-alikes), cut at random places, with
 clock ticks, held/released/failed commits and a disconnect sprinkled in, on a
-random listener config.  The properties are ``tests.test_fuzz_protocol.check``.
+random listener config.  The properties are ``tests.unit.test_fuzz_protocol.check``.
 A failing input is printed (repr of its ops) with the assertion, and the run
 goes on to the end unless --stop.
 
@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_fuzz_protocol import COMMANDS, FRAGMENTS, check, run_session  # noqa: E402
+from tests.unit.test_fuzz_protocol import COMMANDS, FRAGMENTS, check, run_session  # noqa: E402
 
 LISTENERS: list[dict[str, Any]] = [
     {},

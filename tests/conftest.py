@@ -1,8 +1,10 @@
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.logger import globalLogPublisher
 
 from tests.relay import Relay
 
@@ -36,3 +38,17 @@ def need(tool: str) -> str:
     if path is None:
         pytest.skip(f"{tool} is not installed")
     return path
+
+
+@pytest.fixture
+def auth_events() -> Iterator[list[dict[str, Any]]]:
+    """The log events of the ``relayd.auth`` namespace emitted during the test."""
+    captured: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "relayd.auth":
+            captured.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield captured
+    globalLogPublisher.removeObserver(observe)

@@ -1,6 +1,7 @@
-"""A private Postfix instance as a real upstream (smarthost) for tests.
+"""Postfix as a real upstream (smarthost) for tests: a private Postfix
+instance, and ``Sink``, Postfix's smtp-sink.
 
-Own config, queue and data directories and its own loopback port, never the
+``PrivatePostfix`` has its own config, queue and data directories and loopback port, never the
 system instance. It accepts mail from 127.0.0.0/8 and delivers everything
 for ``example.net`` into one maildir, so a test can see what arrived.
 Optionally offers STARTTLS with a given certificate.
@@ -18,6 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import need
+from tests.relay import wait_for
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -145,4 +149,46 @@ class PrivatePostfix:
             while pid and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.port = 0
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Sink:
+    """Postfix's smtp-sink: accepts (or rejects, with -f/-r) and dumps each message."""
+
+    def __init__(self, directory: Path, *flags: str) -> None:
+        self.binary = need("smtp-sink")
+        # smtp-sink writes as "nobody": pytest's private tmp tree is out of reach.
+        self.dir = Path(tempfile.mkdtemp(prefix="relayd-sink-"))
+        os.chmod(self.dir, 0o777)
+        self.flags = flags
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Sink:
+        self.port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(
+            [self.binary, *user, *self.flags, "-d", f"{self.dir}/%H%M%S.",
+             f"127.0.0.1:{self.port}", "100"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                assert self.proc is not None and self.proc.poll() is None, self.proc.stderr.read()
+                return False
+
+        wait_for(up, what="smtp-sink")
+        return self
+
+    def messages(self) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self.dir.iterdir()) if p.is_file()]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -84,7 +84,7 @@ class MemorySpool:
     Why: the queue manager and cleanup are about *which* spool operations
     happen and in what order, not about files; a dictionary makes those
     tests fast and lets them inject failures the disk rarely produces.
-    ``test_spool_contract.py`` (tests/) runs the same tests against this and the
+    ``tests/unit/test_spool_contract.py`` runs the same tests against this and the
     real spool, so the two cannot drift apart.
 
     Every Deferred has already fired when returned (as with

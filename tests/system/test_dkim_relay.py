@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.dkimtools import dkimpy_results, keygen, mail_dkim_results, opendkim_results
+from tests.postfix import Sink
 from tests.relay import Relay, wait_for
-from tests.test_big_message import (
+from tests.system.test_big_message import (
     _RECEIVED,
     MB,
     RSS_BUDGET,
@@ -27,7 +28,6 @@ from tests.test_big_message import (
     send,
     smarthost_relay,
 )
-from tests.test_smarthost_upstream import Sink
 
 
 def dkim_tables(*entries: tuple[str, str, Path]) -> str:
@@ -171,7 +171,7 @@ def test_a_retry_never_resigns_even_after_rotation(relay_factory, tmp_path: Path
 
 def test_50mb_signed_message_keeps_memory_flat(relay_factory, tmp_path: Path, keys) -> None:
     """Signing streams: RSS growth under 10 MB for 50 MB, as without DKIM
-    (tests/test_big_message.py), and the signature verifies at the other end."""
+    (tests/system/test_big_message.py), and the signature verifies at the other end."""
     server = RecordingServer()
     try:
         relay = smarthost_relay(relay_factory, server.port, dkim_tables(

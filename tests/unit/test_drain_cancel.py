@@ -1,6 +1,6 @@
 """``relayd drain --cancel`` in memory: the SMTP factory serves again and a
 listener rebinds the address it had (the process test is in
-tests/test_queue_admin.py)."""
+tests/system/test_queue_admin.py)."""
 
 from __future__ import annotations
 

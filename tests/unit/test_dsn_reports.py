@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relayd.envelope import DSNRequest, QueuedMessage, RecipientDSN, RecipientResult
-from tests.test_bounce import dsn, envelope
+from tests.unit.test_bounce import dsn, envelope
 
 
 def test_envid_and_orcpt_appear_in_the_report():
@@ -52,7 +52,7 @@ def test_ret_full_returns_the_body_and_hdrs_the_headers_only():
 
     from relayd.dsn import DSNQueue
     from relayd.testing.spool import MemorySpool
-    from tests.test_bounce import ORIGINAL
+    from tests.unit.test_bounce import ORIGINAL
 
     for ret, body_there in (("FULL", True), ("HDRS", False), (None, False)):
         spool = MemorySpool(Clock())

@@ -4,7 +4,7 @@ A next hop that drops NULs before it looks for end-of-data would read
 ``CRLF NUL . CRLF`` as the end of the message, and what follows as a second
 transaction (the SMTP smuggling variant Postfix answers with
 ``message_strip_characters = \\0``).  The forwarding side is tested against
-a real smarthost in tests/test_attacks.py.
+a real smarthost in tests/system/test_attacks.py.
 """
 
 from __future__ import annotations

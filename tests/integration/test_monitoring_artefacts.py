@@ -26,7 +26,7 @@ try:
 except ImportError:  # PyYAML is not a dependency; Debian has python3-yaml
     yaml = None
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "etc" / "prometheus" / "relayd-alerts.yml"
 RULES_TEST = ROOT / "etc" / "prometheus" / "relayd-alerts.test.yml"
 DASHBOARD = ROOT / "etc" / "grafana" / "relayd-dashboard.json"

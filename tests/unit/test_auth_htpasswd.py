@@ -1,14 +1,13 @@
-"""The htpasswd backend: formats written by Apache's own htpasswd and by
-Python, refusals, constant work for unknown users, reloads, senders_file."""
+"""The htpasswd backend: formats written by Python (files from Apache's own
+htpasswd tool: tests/integration/test_auth_htpasswd_tool.py), refusals,
+constant work for unknown users, reloads, senders_file."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import os
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,14 @@ import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface.verify import verifyObject
 
 from relayd.auth import BackendUnavailable, make_backend
 from relayd.auth import htpasswd as mod
 from relayd.auth.htpasswd import HtpasswdBackend, apr1_crypt, parse_senders
 from relayd.config import AuthBackendConfig
 from relayd.errors import ConfigError
-from relayd.interfaces import IAuthBackend
-
-HTPASSWD = shutil.which("htpasswd")
-need_htpasswd = pytest.mark.skipif(HTPASSWD is None, reason="htpasswd (apache2-utils) missing")
+from tests.htpasswd import write_users
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -60,23 +54,10 @@ class Runner:
         return maybeDeferred(f, *args)
 
 
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    captured: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "relayd.auth":
-            captured.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield captured
-    globalLogPublisher.removeObserver(observe)
-
-
-def texts(events: list[dict[str, Any]]) -> list[str]:
+def texts(auth_events: list[dict[str, Any]]) -> list[str]:
     from twisted.logger import formatEvent
 
-    return [formatEvent(e) for e in events]
+    return [formatEvent(e) for e in auth_events]
 
 
 def config(path: Path, senders: Path | None = None) -> AuthBackendConfig:
@@ -91,11 +72,6 @@ def backend(path: Path, senders: Path | None = None, clock: task.Clock | None = 
     return HtpasswdBackend(config(path, senders), clock or task.Clock(), runner or Runner())
 
 
-def htpasswd(*args: str) -> None:
-    assert HTPASSWD is not None
-    subprocess.run([HTPASSWD, *args], check=True, capture_output=True)
-
-
 def ok(b: HtpasswdBackend, user: str, password: str) -> bool:
     d = b.authenticate(user, password)
     out: list[Any] = []
@@ -105,50 +81,6 @@ def ok(b: HtpasswdBackend, user: str, password: str) -> bool:
         return False
     assert out[0] == user
     return True
-
-
-# -- formats written by Apache's htpasswd -------------------------------------
-
-
-@need_htpasswd
-def test_real_htpasswd_formats(tmp_path: Path, events: list[dict[str, Any]]) -> None:
-    f = tmp_path / "users"
-    htpasswd("-B", "-b", "-c", str(f), "bob", "b-secret")
-    htpasswd("-B", "-C", "10", "-b", str(f), "bob10", "b10-secret")
-    htpasswd("-m", "-b", str(f), "martha", "m-secret")
-    htpasswd("-s", "-b", str(f), "sam", "s-secret")
-    assert "$2y$" in f.read_text()
-    b = backend(f)
-    verifyObject(IAuthBackend, b)
-    for user, password in [("bob", "b-secret"), ("bob10", "b10-secret"),
-                           ("martha", "m-secret"), ("sam", "s-secret")]:
-        assert ok(b, user, password), user
-        assert not ok(b, user, password + "x"), user
-        assert not ok(b, user, password.upper()), user
-    # Names are exact, as in Apache.
-    assert not ok(b, "Bob", "b-secret")
-    # The unsalted {SHA} line is accepted with one warning naming the file.
-    warnings = [t for t in texts(events) if "unsalted" in t]
-    assert len(warnings) == 1 and f"{f}: " in warnings[0] and "line(s) 4" in warnings[0]
-
-
-@need_htpasswd
-def test_real_htpasswd_plaintext_and_crypt_refused(tmp_path: Path,
-                                                   events: list[dict[str, Any]]) -> None:
-    f = tmp_path / "users"
-    htpasswd("-B", "-b", "-c", str(f), "good", "g-secret")
-    htpasswd("-p", "-b", str(f), "plain", "p-secret")
-    htpasswd("-d", "-b", str(f), "des", "d-secret")
-    b = backend(f)
-    assert ok(b, "good", "g-secret")
-    # Neither the password nor the stored string itself gets in.
-    lines = dict(line.split(":", 1) for line in f.read_text().splitlines())
-    assert not ok(b, "plain", "p-secret")
-    assert not ok(b, "des", "d-secret")
-    assert not ok(b, "des", lines["des"])
-    warned = texts(events)
-    assert any(f"{f}:2:" in t and "plain" in t and "plaintext" in t for t in warned), warned
-    assert any(f"{f}:3:" in t and "des" in t and "crypt()" in t for t in warned), warned
 
 
 # -- hashes made in Python ----------------------------------------------------
@@ -174,15 +106,6 @@ def test_python_made_hashes(tmp_path: Path) -> None:
     assert ok(b, "s", "shaw") and not ok(b, "s", "shaw ")
 
 
-def test_apr1_matches_openssl() -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl missing")
-    out = subprocess.run([openssl, "passwd", "-apr1", "-salt", "s4lt", "a" * 40],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    assert apr1_crypt(b"a" * 40, b"s4lt") == out
-
-
 def test_long_bcrypt_password_truncated_like_apache(tmp_path: Path) -> None:
     # bcrypt < 5 and Apache use the first 72 bytes; bcrypt 5 raises instead.
     secret = b"x" * 72
@@ -194,7 +117,7 @@ def test_long_bcrypt_password_truncated_like_apache(tmp_path: Path) -> None:
     assert not ok(b, "long", "x" * 71)
 
 
-def test_corrupt_hashes_refused(tmp_path: Path, events: list[dict[str, Any]],
+def test_corrupt_hashes_refused(tmp_path: Path, auth_events: list[dict[str, Any]],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "users"
     f.write_text("short:$2b$10$tooshort\nbadsha:{SHA}bm90IGEgZGlnZXN0\nnocolon\n"
@@ -202,14 +125,14 @@ def test_corrupt_hashes_refused(tmp_path: Path, events: list[dict[str, Any]],
     b = backend(f)
     assert not ok(b, "short", "x")
     assert not ok(b, "weird", "hunter2")
-    warned = texts(events)
+    warned = texts(auth_events)
     for n in (1, 2, 3, 4):
         assert any(f"{f}:{n}:" in t for t in warned), (n, warned)
     # A hash that passes the syntax check but that bcrypt rejects is a wrong
     # password for that entry, not a backend failure.
     def broken(password: bytes, hashed: bytes) -> bool:
         raise ValueError("Invalid salt")
-    f.write_text(f"ok:{bcrypt.hashpw(b'pw', bcrypt.gensalt(4)).decode()}\n")
+    write_users(f, {"ok": "pw"})
     b = backend(f)
     monkeypatch.setattr(mod.bcrypt, "checkpw", broken)
     failure_of(b.authenticate("ok", "pw")).trap(UnauthorizedLogin)
@@ -269,15 +192,15 @@ def test_default_dummy_cost_is_10() -> None:
 # -- reloads ------------------------------------------------------------------
 
 
-def test_reload_after_change(tmp_path: Path, events: list[dict[str, Any]]) -> None:
+def test_reload_after_change(tmp_path: Path, auth_events: list[dict[str, Any]]) -> None:
     f = tmp_path / "users"
-    f.write_text(f"alice:{bcrypt.hashpw(b'one', bcrypt.gensalt(4)).decode()}\n")
+    write_users(f, {"alice": "one"})
     clock = task.Clock()
     clock.advance(1000)
     b = backend(f, clock=clock)
     assert ok(b, "alice", "one")
 
-    f.write_text(f"alice:{bcrypt.hashpw(b'two', bcrypt.gensalt(4)).decode()}\n")
+    write_users(f, {"alice": "two"})
     os.utime(f, (2000, 2000))
     # Checked at most once a second: the old file still counts.
     clock.advance(0.5)
@@ -285,11 +208,11 @@ def test_reload_after_change(tmp_path: Path, events: list[dict[str, Any]]) -> No
     clock.advance(0.6)
     assert not ok(b, "alice", "one")
     assert ok(b, "alice", "two")
-    assert any("reloaded" in t for t in texts(events))
+    assert any("reloaded" in t for t in texts(auth_events))
 
     # Same size, same mtime, new inode (an editor's rename into place).
     new = tmp_path / "users.new"
-    new.write_text(f"alice:{bcrypt.hashpw(b'six', bcrypt.gensalt(4)).decode()}\n")
+    write_users(new, {"alice": "six"})
     os.utime(new, (2000, 2000))
     os.replace(new, f)
     clock.advance(1)
@@ -297,9 +220,9 @@ def test_reload_after_change(tmp_path: Path, events: list[dict[str, Any]]) -> No
 
 
 def test_vanished_file_keeps_last_good_copy(tmp_path: Path,
-                                            events: list[dict[str, Any]]) -> None:
+                                            auth_events: list[dict[str, Any]]) -> None:
     f = tmp_path / "users"
-    f.write_text(f"alice:{bcrypt.hashpw(b'one', bcrypt.gensalt(4)).decode()}\n")
+    write_users(f, {"alice": "one"})
     clock = task.Clock()
     b = backend(f, clock=clock)
     f.unlink()
@@ -307,15 +230,15 @@ def test_vanished_file_keeps_last_good_copy(tmp_path: Path,
     assert ok(b, "alice", "one")
     clock.advance(1)
     assert ok(b, "alice", "one")
-    assert sum("disappeared" in t for t in texts(events)) == 1
-    f.write_text(f"bob:{bcrypt.hashpw(b'two', bcrypt.gensalt(4)).decode()}\n")
+    assert sum("disappeared" in t for t in texts(auth_events)) == 1
+    write_users(f, {"bob": "two"})
     clock.advance(1)
     assert ok(b, "bob", "two") and not ok(b, "alice", "one")
 
 
 def test_io_error_is_not_unauthorized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "users"
-    f.write_text(f"alice:{bcrypt.hashpw(b'one', bcrypt.gensalt(4)).decode()}\n")
+    write_users(f, {"alice": "one"})
     clock = task.Clock()
     b = backend(f, clock=clock)
     os.utime(f, (5, 5))
@@ -372,9 +295,9 @@ def test_no_senders_file_means_unlimited(tmp_path: Path) -> None:
     assert result_of(backend(f).sender_patterns("anyone")) is None
 
 
-def test_parse_senders_warns_on_bad_lines(events: list[dict[str, Any]]) -> None:
+def test_parse_senders_warns_on_bad_lines(auth_events: list[dict[str, Any]]) -> None:
     assert parse_senders(b"nonsense\na: x@y\na: z@y\n", "S") == {"a": ("x@y",)}
-    warned = texts(events)
+    warned = texts(auth_events)
     assert any("S:1:" in t for t in warned) and any("S:3:" in t for t in warned)
 
 
@@ -383,7 +306,7 @@ def test_parse_senders_warns_on_bad_lines(events: list[dict[str, Any]]) -> None:
 
 def test_make_backend_and_thread_pool(tmp_path: Path) -> None:
     f = tmp_path / "users"
-    f.write_text(f"alice:{bcrypt.hashpw(b'one', bcrypt.gensalt(4)).decode()}\n")
+    write_users(f, {"alice": "one"})
     clock = task.Clock()
     b = make_backend(config(f), clock)
     assert isinstance(b, HtpasswdBackend)
@@ -419,7 +342,7 @@ def test_default_runner_uses_the_pool(tmp_path: Path) -> None:
         return real_verify(entry, password)
 
     f = tmp_path / "users"
-    f.write_text(f"alice:{bcrypt.hashpw(b'one', bcrypt.gensalt(4)).decode()}\n")
+    write_users(f, {"alice": "one"})
     reactor = Reactor()
     b = HtpasswdBackend(config(f), reactor)
     b.start()

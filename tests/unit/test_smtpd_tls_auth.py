@@ -3,7 +3,7 @@
 StringTransport (a subclass that provides ITLSTransport and records
 ``startTLS``), task.Clock, an in-memory auth backend: every reply is checked
 exactly, as a transcript.  Real TLS handshakes are in
-tests/test_submission_process.py.
+tests/system/test_submission_process.py.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def test_starttls_with_an_argument() -> None:
 
 
 def test_starttls_on_a_listener_without_tls() -> None:
-    """Not a command there: the same 502 as any unknown verb (tests/test_smtpd_protocol.py)."""
+    """Not a command there: the same 502 as any unknown verb (tests/unit/test_smtpd_protocol.py)."""
     s = Env(tls="none", tls_cert=None, tls_key=None, auth="none", auth_backend=None).connect()
     assert s.send("STARTTLS\r\n") == ["502 5.5.2 Error: command not recognized"]
 

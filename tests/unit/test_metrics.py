@@ -1,7 +1,7 @@
 """relayd/metrics.py and the counters the SMTP server keeps, in memory.
 
 The same counters are checked end to end, over real sockets and a real
-/metrics scrape, in tests/test_metrics_scrape.py.
+/metrics scrape, in tests/system/test_metrics_scrape.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from relayd import __version__
 from relayd.metrics import AUTH_FAILURE_REASONS, TLS_FAILURE_REASONS, Metrics
 from relayd.testing import Conversation, FakeAuthBackend, TLSStringTransport, sample
 from relayd.tls import handshake_failure_reason, tls_version
-from tests.test_smtpd_tls_auth import OUTSIDER, Env, b64, plain
+from tests.unit.test_smtpd_tls_auth import OUTSIDER, Env, b64, plain
 
 # design.md §1 "Metrics": names fixed (prometheus-client adds _total to counters).
 CONTRACT = {
@@ -131,7 +131,7 @@ def ssl_failure(*reasons: str) -> Failure:
 @pytest.mark.parametrize(
     ("reasons", "expected"),
     [
-        # What OpenSSL 3 said in tests/test_metrics_scrape.py's cases.
+        # What OpenSSL 3 said in tests/system/test_metrics_scrape.py's cases.
         (("tlsv1 alert unknown ca",), "certificate_rejected"),
         (("sslv3 alert bad certificate",), "certificate_rejected"),
         (("tls alert bad certificate",), "certificate_rejected"),

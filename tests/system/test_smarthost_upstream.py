@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import smtplib
-import socket
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
 from tests.certs import make_pki
-from tests.conftest import need
-from tests.postfix import PrivatePostfix, free_port
+from tests.postfix import PrivatePostfix, Sink
 from tests.relay import Relay, config_text, wait_for
 
 
@@ -105,48 +100,6 @@ def test_plaintext_smarthost_refused_when_starttls_required(relay_factory, tmp_p
         assert sink.messages() == []
     finally:
         sink.stop()
-
-
-class Sink:
-    """Postfix's smtp-sink: accepts (or rejects, with -f/-r) and dumps each message."""
-
-    def __init__(self, directory: Path, *flags: str) -> None:
-        self.binary = need("smtp-sink")
-        # smtp-sink writes as "nobody": pytest's private tmp tree is out of reach.
-        self.dir = Path(tempfile.mkdtemp(prefix="relayd-sink-"))
-        os.chmod(self.dir, 0o777)
-        self.flags = flags
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Sink:
-        self.port = free_port()
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        self.proc = subprocess.Popen(
-            [self.binary, *user, *self.flags, "-d", f"{self.dir}/%H%M%S.",
-             f"127.0.0.1:{self.port}", "100"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            except OSError:
-                assert self.proc is not None and self.proc.poll() is None, self.proc.stderr.read()
-                return False
-
-        wait_for(up, what="smtp-sink")
-        return self
-
-    def messages(self) -> list[bytes]:
-        return [p.read_bytes() for p in sorted(self.dir.iterdir()) if p.is_file()]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def test_hard_bounce_sends_dsn_and_never_loops(relay_factory, tmp_path: Path) -> None:

@@ -32,10 +32,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relayd import __version__
 from tests.certs import make_pki
+from tests.htpasswd import write_users
 from tests.relay import Relay, wait_for
 
 pytest.importorskip("relayd.auth")
-bcrypt = pytest.importorskip("bcrypt")
 
 Labels = frozenset[tuple[str, str]]
 
@@ -94,7 +94,7 @@ def auth_plain(user: str, password: str) -> str:
 def relay(tmp_path: Path, relay_factory) -> tuple[Relay, Any]:
     pki = make_pki(tmp_path / "pki")
     users = tmp_path / "users.htpasswd"
-    users.write_text(f"alice:{bcrypt.hashpw(b'alice-pw', bcrypt.gensalt(4)).decode()}\n")
+    write_users(users, {"alice": "alice-pw"})
     d = tmp_path / "relay"
     config = f"""
 [server]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.postfix import Sink
 from tests.relay import Relay, wait_for
-from tests.test_smarthost_upstream import Sink
 
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as (\S+)\r?$", re.M)
 

@@ -1,5 +1,5 @@
 """The status page's HTML from a status dict: escaping, self-containment, the
-banners and the empty cases (tests/test_status_page.py renders it in Chromium)."""
+banners and the empty cases (tests/system/test_status_page.py renders it in Chromium)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def status(**overrides: Any) -> dict[str, Any]:
 
 
 def text(page: str) -> str:
-    """Roughly what a reader sees (tests/test_status_page.py asks a real browser)."""
+    """Roughly what a reader sees (tests/system/test_status_page.py asks a real browser)."""
     body = re.sub(r"<style>.*?</style>", "", page, flags=re.S)
     body = re.sub(r"</?(strong|span|time)\b[^>]*>", "", body)
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", body)).split())

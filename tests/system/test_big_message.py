@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.postfix import Sink
 from tests.relay import Relay, config_text, wait_for
-from tests.test_smarthost_upstream import Sink
 
 MB = 1024 * 1024
 #: Allowed RSS growth over idle while a 50 MB message goes through.

@@ -8,8 +8,6 @@ loads ``/``; the test reads the rendered DOM and saves a screenshot.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import shutil
@@ -23,8 +21,9 @@ from typing import Any
 import pytest
 
 import relayd
+from tests.htpasswd import write_users
+from tests.postfix import Sink
 from tests.relay import Relay, wait_for
-from tests.test_smarthost_upstream import Sink
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -127,12 +126,6 @@ def get_status(relay: Relay) -> dict[str, Any]:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
-def sha_htpasswd(path: Path, user: str, password: str) -> Path:
-    digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
-    path.write_text(f"{user}:{{SHA}}{digest}\n")
-    return path
-
-
 @pytest.fixture
 def sinks(tmp_path: Path):
     made = {
@@ -152,7 +145,7 @@ def sinks(tmp_path: Path):
 def status_relay(relay_factory, tmp_path: Path, sinks: dict[str, Sink]) -> Relay:
     d = tmp_path / "relay"
     d.mkdir()
-    users = sha_htpasswd(tmp_path / "users.htpasswd", "app1", "secret")
+    users = write_users(tmp_path / "users.htpasswd", {"app1": "secret"}, scheme="sha")
     routes = "".join(f'\n[route.{name}]\nsmarthost = ["127.0.0.1:{sink.port}"]\ntls = "none"\n'
                      for name, sink in sinks.items())
     config = f"""

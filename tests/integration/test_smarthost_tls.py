@@ -2,7 +2,7 @@
 
 The fake smarthost is a stdlib ``ssl`` + ``socket`` server in a thread of the
 test process; the relayd client runs under ``task.react`` in a subprocess
-(this module, run as ``python -m tests.test_smarthost_tls SPEC``), so the
+(this module, run as ``python -m tests.integration.test_smarthost_tls SPEC``), so the
 test process never starts a global reactor.  Certificates come from
 ``tests.certs``, generated into tmp_path.
 """
@@ -25,7 +25,7 @@ from twisted.internet.task import Clock
 from relayd.config import RouteConfig, Smarthost
 from relayd.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: tls\r\n\r\n.dot line\r\nbye\r\n"
 
 
@@ -191,7 +191,7 @@ def deliver(port: int, host: str = "127.0.0.1", **route: Any) -> dict[str, Any]:
     """Run one delivery in a subprocess; its JSON report."""
     spec = {"host": host, "port": port, "route": route}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_smarthost_tls", json.dumps(spec)],
+        [sys.executable, "-m", "tests.integration.test_smarthost_tls", json.dumps(spec)],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )

@@ -23,7 +23,7 @@ import pytest
 
 import relayd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEB = ROOT / "packaging" / "deb"
 
 pytestmark = pytest.mark.slow

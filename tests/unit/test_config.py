@@ -6,8 +6,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import attrs
@@ -32,7 +30,7 @@ from relayd.config import (
 )
 from relayd.errors import ConfigError
 
-SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "relayd" / "relayd.toml"
+SAMPLE = Path(__file__).resolve().parents[2] / "etc" / "relayd" / "relayd.toml"
 
 LISTENER = """
 [[listener]]
@@ -248,15 +246,6 @@ def test_config_is_frozen() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         c.listeners[0].route = "x"  # type: ignore[misc]
     assert isinstance(c.listeners, tuple) and isinstance(c.queue.retry, tuple)
-
-
-def test_module_imports_neither_twisted_nor_dns() -> None:
-    code = (
-        "import sys, relayd.config\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('twisted', 'socket')]\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=SAMPLE.parent.parent.parent)
 
 
 # --- sizes, durations, rates -------------------------------------------------

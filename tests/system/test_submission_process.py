@@ -19,10 +19,10 @@ import pytest
 
 from tests.certs import issue, make_ca
 from tests.conftest import need
+from tests.htpasswd import write_users
 from tests.relay import Relay, wait_for
 
 pytest.importorskip("relayd.auth")
-bcrypt = pytest.importorskip("bcrypt")
 
 
 @dataclass
@@ -41,16 +41,6 @@ def make_certs(directory: Path) -> Certs:
         issued = issue(directory, stem, name, ca_cert, ca_key, dns=(name,), ips=("127.0.0.1",))
         out[stem] = (issued.cert, issued.key)
     return Certs(ca, out["a"], out["b"], out["renewed"])
-
-
-def htpasswd(path: Path, users: dict[str, str]) -> Path:
-    path.write_text(
-        "".join(
-            f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(4)).decode()}\n"
-            for u, p in users.items()
-        )
-    )
-    return path
 
 
 def client_context(certs: Certs) -> ssl.SSLContext:
@@ -82,8 +72,8 @@ def setup(tmp_path: Path, relay_factory):
       htpasswd B (bob), route ``outbox_b``.
     """
     certs = make_certs(tmp_path / "pki")
-    users_a = htpasswd(tmp_path / "a.htpasswd", {"alice": "alice-pw"})
-    users_b = htpasswd(tmp_path / "b.htpasswd", {"bob": "bob-pw"})
+    users_a = write_users(tmp_path / "a.htpasswd", {"alice": "alice-pw"})
+    users_b = write_users(tmp_path / "b.htpasswd", {"bob": "bob-pw"})
     d = tmp_path / "relay"
     config = f"""
 [server]

@@ -18,7 +18,7 @@ from relayd.config import Config, parse
 from relayd.tap import check_files
 from tests.certs import PKI, make_pki
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "etc" / "relayd" / "examples").glob("*.toml"))
 PACKAGED = ROOT / "packaging" / "deb" / "relayd.toml"
 

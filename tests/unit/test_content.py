@@ -40,14 +40,14 @@ from relayd.queue.schedule import RetrySchedule
 from relayd.queue.spool import MAX_BACKLOG, SPILL_THRESHOLD, Spool
 from relayd.testing import Conversation, RecordingCourier
 from relayd.testing import result_of as result
-from tests.test_smarthost_client import (
+from tests.unit.test_smarthost_client import (
     FakeSmarthost,
     Setup,
     content_with_dots_at,
     outcome,
     transient,
 )
-from tests.test_smarthost_client import envelope as smtp_envelope
+from tests.unit.test_smarthost_client import envelope as smtp_envelope
 
 NOW = 1_700_000_000.0
 

@@ -2,7 +2,7 @@
 recent deferrals (the status page) and each message's history (``relayd
 queue show``), and how the history survives in the spool's state file.
 
-In memory with ``task.Clock`` (see tests/test_qmgr.py for the harness); the
+In memory with ``task.Clock`` (see tests/unit/test_qmgr.py for the harness); the
 state-file tests use the real ``Spool`` on a temporary directory.
 """
 
@@ -34,7 +34,7 @@ from relayd.qmgr import NOT_QUEUED
 from relayd.queue.activity import RECENT_DEFERRALS, HourCounts
 from relayd.queue.spool import Spool
 from relayd.testing import HOLD, RecordingCourier, result_of
-from tests.test_qmgr import NOW, RELAY, envelope, make, stored
+from tests.unit.test_qmgr import NOW, RELAY, envelope, make, stored
 
 ZERO = {"sent": 0, "deferred": 0, "bounced": 0}
 
