@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relayd.envelope import SENT, DSNRequest, RecipientDSN
-from tests.test_smarthost_client import FakeSmarthost, Setup, envelope
+from tests.unit.test_smarthost_client import FakeSmarthost, Setup, envelope
 
 REQUEST = DSNRequest(ret="HDRS", envid="id+1 x", recipients=(
     ("b@example.net", RecipientDSN(("SUCCESS", "FAILURE"), "rfc822;b=1@example.net")),))
