@@ -293,6 +293,21 @@ def _not_after(cert: crypto.X509) -> float:
     return float(calendar.timegm(time.strptime(text, "%Y%m%d%H%M%SZ")))
 
 
+def _no_application_protocol(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """The ALPN answer of every relayd listener: none, and go on.
+
+    A listener speaks one protocol whatever the client offers, so the offer
+    (``smtp``, or a TLS stack's default ``h2``/``http/1.1``) is ignored and
+    the handshake goes on without the extension, as Postfix does.  Twisted's own select callback,
+    which ``CertificateOptions`` installs, answers an empty protocol name when
+    nothing overlaps; the OpenSSL 4 in PyPI's cryptography wheel answers that
+    with an internal-error alert (Debian 12's OpenSSL 3.0 lets it pass), so
+    every client offering ALPN was turned away.  ``NO_OVERLAPPING_PROTOCOLS``
+    (in Debian 12's pyOpenSSL 23.0 and in PyPI's) makes the callback decline
+    instead (SSL_TLSEXT_ERR_NOACK)."""
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """The server certificate of one listener, reloadable.
@@ -378,6 +393,7 @@ class ServerTLS:
                 **bound,
             )
             context = options.getContext()
+            context.set_alpn_select_callback(_no_application_protocol)
             if legacy:
                 context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
                 _log.warn(

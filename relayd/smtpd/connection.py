@@ -63,6 +63,7 @@ class SMTPConnection(Protocol):
         # and too much pipelined input is already buffered.
         self._replies_blocked = False
         self._reading_paused = False
+        self._producing = False  # registered as the transport's producer
         # ... and while the spool has not caught up with the message's content
         # (a client faster than the disk must not park the message in memory).
         self._spool_behind = False
@@ -160,13 +161,23 @@ class SMTPConnection(Protocol):
             self._idle.cancel()
         self._idle = None
 
+    def _lose(self) -> None:
+        """Close after the replies are out.  Twisted's TLS transport holds
+        loseConnection back while a producer is registered: without this, a
+        TLS session stayed open after its 221 (no close_notify, no FIN) until
+        the idle timeout aborted it."""
+        if self._producing:
+            self._producing = False
+            self._t.unregisterProducer()
+        self._t.loseConnection()
+
     def _close(self, code: int, enhanced: str, text: str) -> None:
         if self._mode == CLOSING:
             return
         self.reply(code, enhanced, text)
         self._mode = CLOSING
         self._buf.clear()
-        self._t.loseConnection()
+        self._lose()
         # If the client does not read, the close never completes: the next
         # idle timeout aborts the connection.
         self._touch()
@@ -219,7 +230,7 @@ class SMTPConnection(Protocol):
             # The client sent all it will send and everything it sent has
             # been answered: the end (an unfinished message is dropped).
             self._mode = CLOSING
-            self._t.loseConnection()
+            self._lose()
             return
         self._update_reading()
 

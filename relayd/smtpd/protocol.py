@@ -179,6 +179,7 @@ class SMTPServerProtocol(MessageIntake):
 
     def _start_session(self) -> None:
         self._t.registerProducer(self, True)
+        self._producing = True
         self.reply(220, None, f"{self._f.hostname} ESMTP relayd")
         self._touch()
 
