@@ -17,7 +17,7 @@ import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -34,6 +34,9 @@ from relayd.interfaces import (
     ISpoolWriter,
     ISubmissionSink,
 )
+from relayd.rewrite import SenderRewriter
+from relayd.routing import DISCARD, Context, Decision, Resolution, Router
+from relayd.tables import RoutingTables, plan
 
 maillog = Logger(namespace="relayd.mail")
 
@@ -59,6 +62,8 @@ _HEADER_LINES = re.compile(rb"(?:(?:[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t])[^\r\n]*\
 _COUNTED = re.compile(rb"^(received|message-id|date)[ \t]*:", re.I | re.M)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_NO_RULES = Router()
 
 
 def split_long_lines(data: bytes, column: int, header: bool) -> tuple[bytes, int]:
@@ -114,7 +119,11 @@ class Cleanup:
         max_messages: int = 100_000,
         min_free_disk: int = 0,
         signer: Signer | None = None,
+        tables: RoutingTables | None = None,
     ) -> None:
+        #: [[routing]], the alias file and the sender map (relayd.tables);
+        #: replaced on reload.  None: every recipient takes the listener's route.
+        self.tables = tables
         self.spool = spool
         self.hostname = hostname
         self.clock = clock
@@ -141,6 +150,13 @@ class Cleanup:
         if not self._disk_ok:
             raise QueueFull()
 
+    def route_recipient(self, session: ISession, sender: str, recipient: str) -> Resolution:
+        ctx = Context(sender=sender, listener=session.listener, route=session.route,
+                      user=session.user, client=session.client_address)
+        if self.tables is None:
+            return _NO_RULES.resolve(recipient, ctx)
+        return self.tables.resolve(recipient, ctx)
+
     def open_message(
         self,
         session: ISession,
@@ -149,10 +165,20 @@ class Cleanup:
         smtputf8: bool,
         body: str | None,
         dsn: DSNRequest | None = None,
+        routed: tuple[object, ...] | None = None,
     ) -> CleanupMessage:
+        # Postfix's cleanup order: aliases and routing (decided at RCPT),
+        # then sender rewriting (envelope here, headers in _write_head).
+        resolutions = [r for r in routed or () if isinstance(r, Resolution)]
+        if len(resolutions) != len(recipients):
+            resolutions = [self.route_recipient(session, sender, r) for r in recipients]
+        planned = plan(resolutions, session.route)
+        rewriter = self.tables.rewriter if self.tables is not None else SenderRewriter()
         envelope = Envelope(
-            sender=sender,
-            recipients=recipients,
+            sender=rewriter.rewrite(sender),
+            recipients=planned.recipients,
+            routes=planned.routes,
+            originals=planned.originals,
             route=session.route,
             arrival=self.clock.seconds(),
             listener=session.listener,
@@ -163,7 +189,8 @@ class Cleanup:
             body=body,
             dsn=dsn or DSNRequest(),
         )
-        return CleanupMessage(self, session, self.spool.open_message(envelope), envelope)
+        return CleanupMessage(self, session, self.spool.open_message(envelope), envelope,
+                              rewriter, planned.dropped, sender)
 
 
 @implementer(IMessageReceiver)
@@ -171,12 +198,17 @@ class CleanupMessage:
     """One message: header section buffered until complete, then streamed."""
 
     def __init__(
-        self, cleanup: Cleanup, session: ISession, writer: ISpoolWriter, envelope: Envelope
+        self, cleanup: Cleanup, session: ISession, writer: ISpoolWriter, envelope: Envelope,
+        rewriter: SenderRewriter | None = None, dropped: tuple[Decision, ...] = (),
+        original_sender: str | None = None,
     ) -> None:
         self._cleanup = cleanup
         self._session = session
         self._writer = writer
         self._envelope = envelope
+        self._rewriter = rewriter or SenderRewriter()
+        self._dropped = dropped
+        self._original_sender = envelope.sender if original_sender is None else original_sender
         self._head: bytearray | None = bytearray()
         # Where the header lines matched so far end: each write scans only
         # what is new, so a header sent a byte at a time costs linear time.
@@ -220,6 +252,11 @@ class CleanupMessage:
         self._head = None
         end = _HEADER_SECTION.match(data, 0, HEADER_LIMIT).end()  # type: ignore[union-attr]
         section, rest = data[:end], data[end:]
+        # The order of the header work matters: (1) sender rewriting
+        # ([rewrite] headers = true) changes From:/Sender:/Reply-To:; (2)
+        # anything that signs the message (DKIM) must see the headers as
+        # they leave, so it comes after this line, never before.
+        section = self._rewriter.rewrite_headers(section)
         found = [m.lower() for m in _COUNTED.findall(section)]
         self._hops = found.count(b"received")
         added = [self._received()]
@@ -299,6 +336,14 @@ class CleanupMessage:
             # The last line must end in CRLF (RFC 5321 §4.1.1.4).
             self._emit(b"\r\n", header=False)
         keep = self._keep
+        if not self._envelope.recipients:
+            # Every recipient was discarded: accepted (250), logged, and
+            # nothing to keep.
+            self._writer.abort()
+            self._log_dropped(self._writer.queue_id)
+            maillog.info("{queue_id}: discarded: no recipient left to deliver",
+                         queue_id=self._writer.queue_id)
+            return succeed(self._writer.queue_id)
         if self._dkim is not None:
             try:
                 signatures = self._dkim.signatures()
@@ -326,11 +371,24 @@ class CleanupMessage:
                 nrcpt=len(e.recipients), listener=e.listener, client=e.client_address,
                 user=e.user,
             )
+            if e.sender != self._original_sender:
+                maillog.info("{queue_id}: sender rewritten: orig_from=<{orig}> from=<{sender}>",
+                             queue_id=message.queue_id, orig=self._original_sender,
+                             sender=e.sender)
+            self._log_dropped(message.queue_id)
             self._cleanup.arrival.queued(
                 message, Content.of(b"".join(keep)) if keep is not None else None)
             return message.queue_id
 
         return d.addCallback(queued)
+
+    def _log_dropped(self, queue_id: str) -> None:
+        for d in self._dropped:
+            orig = f" orig_to=<{d.original}>" if d.original else ""
+            status = "discarded" if d.action == DISCARD else f"rejected ({d.reply})"
+            maillog.info("{queue_id}: to=<{rcpt}>{orig} route=none rule={rule} status={status}",
+                         queue_id=queue_id, rcpt=d.recipient, orig=orig, rule=d.rule,
+                         status=status)
 
     def abort(self) -> None:
         self._writer.abort()

@@ -96,6 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--log-format", choices=("text", "json"), dest="sub_log_format",
                            help=log_format_help)
+    address = sub.add_parser("address", help="show where addresses go: alias expansion and "
+                                              "the routing decision (like exim -bt)")
+    address.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
+                         help="config file (default: $RELAYD_CONFIG, else the embedded default)")
+    address.add_argument("--sender", default="", metavar="S", help="envelope sender (default <>)")
+    address.add_argument("--listener", metavar="L", help="listener name (default: the first)")
+    address.add_argument("--user", metavar="U", help="authenticated user name")
+    address.add_argument("--client", default="", metavar="IP", help="client IP address")
+    address.add_argument("addresses", nargs="+", metavar="ADDRESS")
     drain = sub.add_parser("drain", help="stop accepting mail (readiness 503), keep delivering")
     drain.add_argument("--config", "-c", metavar="FILE", dest="sub_config",
                        help="config file (default: $RELAYD_CONFIG, else the embedded default)")
@@ -143,7 +152,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _queue(config_option, args)
     if args.command == "drain":
         return _drain(config_option, args.cancel)
+    if args.command == "address":
+        return _address(config_option, args)
     return _run(config_option, getattr(args, "sub_log_format", None) or args.log_format)
+
+
+def _address(config_option: str | None, args: argparse.Namespace) -> int:
+    from twisted.internet.task import Clock
+
+    from relayd.address import DomainError, domain_key
+    from relayd.errors import SMTPReply
+    from relayd.routing import Context, explain
+    from relayd.smtpd.address import AddressSyntaxError, parse_path, split_address
+    from relayd.tables import RoutingTables
+    from relayd.tap import load_config
+
+    try:
+        config = load_config(config_option)
+        tables = RoutingTables(config, Clock())
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    listeners = {lc.name: lc for lc in config.listeners}
+    listener = listeners.get(args.listener or config.listeners[0].name)
+    if listener is None:
+        print(f"relayd address: no listener named {args.listener!r} (there are: "
+              f"{', '.join(listeners)})", file=sys.stderr)
+        return 1
+    ctx = Context(sender=args.sender, listener=listener.name, route=listener.route,
+                  user=args.user, client=args.client)
+    status = 0
+    for text in args.addresses:
+        try:
+            address, rest = parse_path(f"<{text}>")
+            _, domain = split_address(address)
+            if rest or not address:
+                raise AddressSyntaxError("not one address")
+            if domain is not None:
+                domain_key(domain)
+        except (AddressSyntaxError, DomainError) as e:
+            print(f"relayd address: {text!r} cannot be parsed as an address: {e}",
+                  file=sys.stderr)
+            status = 1
+            continue
+        try:
+            result = tables.resolve(address, ctx)
+        except SMTPReply as reply:
+            print("\n".join(explain(address, reply)))
+            continue
+        print("\n".join(explain(address, result)))
+    return status
 
 
 def _drain(config_option: str | None, cancel: bool = False) -> int:

@@ -7,7 +7,7 @@ one that was made durable; a change (a recipient delivered) makes a new value.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from attrs import evolve, field, frozen
@@ -124,9 +124,17 @@ class Envelope:
         sender of bounces.
     :param recipients: forward-paths, exactly as the client sent them (UTF-8
         kept when ``smtputf8``).
-    :param route: the name of the route (``[route.NAME]``) that delivers it.
+    :param route: the name of the route (``[route.NAME]``) that delivers it:
+        the listener's route, for every recipient that ``routes`` does not
+        name otherwise.
     :param arrival: seconds since the epoch when the message was queued; the
         age that expiry is measured from.
+    :param routes: per recipient (same order as ``recipients``), the route
+        ``[[routing]]`` chose; ``()`` when every recipient takes ``route``
+        (and in spools written before routing existed).
+    :param originals: per recipient, the address the client gave when alias
+        expansion changed it (the mail log's ``orig_to=``), else ``""``;
+        ``()`` when no recipient was an alias.
     """
 
     sender: str
@@ -140,6 +148,40 @@ class Envelope:
     smtputf8: bool = False
     body: str | None = None
     size: int = 0
+    routes: tuple[str, ...] = ()
+    originals: tuple[str, ...] = ()
+
+    def route_of(self, recipient: str) -> str:
+        """The route that delivers ``recipient``."""
+        if self.routes:
+            for rcpt, route in zip(self.recipients, self.routes):
+                if rcpt == recipient:
+                    return route
+        return self.route
+
+    def original_of(self, recipient: str) -> str:
+        """The RCPT the client gave for ``recipient`` if aliases changed it, else ``""``."""
+        if self.originals:
+            for rcpt, original in zip(self.recipients, self.originals):
+                if rcpt == recipient:
+                    return original
+        return ""
+
+    def by_route(self, recipients: Iterable[str] | None = None) -> dict[str, tuple[str, ...]]:
+        """``recipients`` (default: all) grouped by route, in order: each
+        group is delivered in its own transaction(s)."""
+        wanted = None if recipients is None else set(recipients)
+        routes = self.routes or (self.route,) * len(self.recipients)
+        groups: dict[str, list[str]] = {}
+        for rcpt, route in zip(self.recipients, routes):
+            if wanted is None or rcpt in wanted:
+                groups.setdefault(route, []).append(rcpt)
+        return {route: tuple(rcpts) for route, rcpts in groups.items()}
+
+    def for_route(self, route: str, recipients: tuple[str, ...]) -> Envelope:
+        """The envelope one route's transaction carries."""
+        return evolve(self, recipients=recipients, route=route, routes=(), originals=())
+
     #: RFC 3461 parameters; the JSON key is written only when there are any,
     #: and spools from before DSN support (no key) read as "none given".
     dsn: DSNRequest = DSNRequest()
@@ -160,10 +202,23 @@ class Envelope:
         }
         if self.dsn:
             data["dsn"] = self.dsn.to_json()
+        if self.routes:
+            data["routes"] = list(self.routes)
+        if self.originals:
+            data["originals"] = list(self.originals)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Envelope:
+        """:raise ValueError: per-recipient lists that do not match the recipients."""
+        envelope = cls._from_json(data)
+        n = len(envelope.recipients)
+        if len(envelope.routes) not in (0, n) or len(envelope.originals) not in (0, n):
+            raise ValueError("per-recipient routes/originals do not match the recipients")
+        return envelope
+
+    @classmethod
+    def _from_json(cls, data: Mapping[str, Any]) -> Envelope:
         return cls(
             sender=str(data["sender"]),
             recipients=tuple(str(r) for r in data["recipients"]),
@@ -177,6 +232,8 @@ class Envelope:
             body=data.get("body"),
             size=int(data.get("size", 0)),
             dsn=DSNRequest.from_json(data.get("dsn")),
+            routes=tuple(str(r) for r in data.get("routes", ())),
+            originals=tuple(str(r) for r in data.get("originals", ())),
         )
 
 

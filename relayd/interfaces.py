@@ -72,6 +72,17 @@ class ISubmissionSink(Interface):
     def check_capacity() -> None:
         """Raise ``QueueFull`` when the spool should refuse mail at MAIL."""
 
+    def route_recipient(session: ISession, sender: str, recipient: str) -> object:
+        """Where ``recipient`` goes (``relayd.routing.Resolution``): alias
+        expansion and the ``[[routing]]`` decision per resulting recipient.
+
+        Asked at RCPT, before the relay check: an address the alias table
+        lists is accepted from any client (``.alias``).
+
+        :raise SMTPReply: 550 5.1.1 for an alias-domain address the table
+            does not list; 451 4.3.0 for an alias loop.
+        """
+
     def open_message(
         session: ISession,
         sender: str,
@@ -79,9 +90,14 @@ class ISubmissionSink(Interface):
         smtputf8: bool,
         body: str | None,
         dsn: DSNRequest | None = None,
+        routed: tuple[object, ...] | None = None,
     ) -> IMessageReceiver:
         """Start a message for an accepted envelope; ``dsn``: the client's
-        RFC 3461 parameters, kept in the envelope."""
+        RFC 3461 parameters, kept in the envelope.
+
+        :param routed: the ``route_recipient`` answers given at RCPT, one
+            per recipient (None: the sink asks itself now).
+        """
 
 
 class ISpool(Interface):

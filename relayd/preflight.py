@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from relayd.config import Config
 from relayd.errors import ConfigError
 from relayd.parts import dkim_signer, make_auth_backend, server_tls
+from relayd.tables import RoutingTables
 from relayd.tls import ServerTLS, route_client_tls
 
 
@@ -70,6 +71,8 @@ def check_files(config: Config) -> None:
     """
     for key, path in named_files(config):
         _check_readable(config, key, path)
+    # The alias file and the sender map, parsed as at run time (FILE:LINE).
+    RoutingTables(config, Clock())
     # The spool stops a start; a maildir does not (a delivery into a broken
     # one is deferred and retried, so the mail waits in the spool).
     _check_directory(config, "server.spool", config.server.spool)

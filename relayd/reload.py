@@ -25,6 +25,7 @@ from relayd.metrics import Metrics
 from relayd.parts import auth_backends, backend_of, dkim_signer, make_courier, server_tls
 from relayd.qmgr import QueueManager
 from relayd.smtpd.factory import SMTPServerFactory
+from relayd.tables import RoutingTables
 from relayd.tls import ServerTLS, server_tls_files
 
 log = Logger(namespace="relayd")
@@ -75,6 +76,7 @@ class ReloadPlan:
         self.added: dict[str, ListenerService] = {}
         self.new_routes: list[str] = []
         self.signer: Signer | None = None
+        self.tables: RoutingTables | None = None
 
     @classmethod
     def prepare(cls, relay: Relay, new: Config) -> ReloadPlan:
@@ -106,6 +108,9 @@ class ReloadPlan:
         # Auth backends are always made anew: that rereads their files now,
         # and a file that has become unreadable refuses the reload.
         self.backends = auth_backends(new, relay.reactor)
+        # [[routing]], [aliases], [rewrite]: the files are read now; a bad
+        # line refuses the reload and the running tables stay.
+        self.tables = RoutingTables(new, relay.reactor)
         for name, route in new.routes.items():
             if old.routes.get(name) == route and name in relay.couriers:
                 self.couriers[name] = relay.couriers[name]
@@ -156,6 +161,8 @@ class ReloadPlan:
         relay.auth_backends = self.backends
         for backend in self.backends.values():
             backend.start()
+
+        relay.cleanup.tables = self.tables
 
         retired_couriers = [c for c in relay.couriers.values()
                             if c not in self.couriers.values()]

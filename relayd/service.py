@@ -54,6 +54,7 @@ from relayd.smtpd.authlimit import AuthFailureTracker
 from relayd.smtpd.factory import SMTPServerFactory
 from relayd.smtpd.proxy import ProxyProtocolFactory
 from relayd.status import status_view
+from relayd.tables import RoutingTables
 from relayd.tls import ServerTLS
 from relayd.web import make_site
 
@@ -91,6 +92,7 @@ class RelayService(MultiService):
             max_messages=config.queue.max_messages,
             min_free_disk=config.queue.min_free_disk,
             signer=dkim_signer(config, self.metrics),
+            tables=RoutingTables(config, reactor),
         )
         self.qmgr.setServiceParent(self)
         self.listeners: list[ListenerService] = []

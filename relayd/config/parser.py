@@ -45,6 +45,7 @@ from relayd.config.fields import (
     _string,
     _Table,
 )
+from relayd.config.routing import parse_aliases_section, parse_rewrite, parse_routing
 from relayd.config.types import (
     DEFAULT_HTTP_ENDPOINT,
     Config,
@@ -85,7 +86,8 @@ route = "outbox"
 maildir = "relayd-data/outbox"
 """
 
-_TOP_KEYS = ("server", "tls", "http", "queue", "limits", "listener", "auth", "route", "dkim")
+_TOP_KEYS = ("server", "tls", "http", "queue", "limits", "listener", "auth", "route", "dkim",
+             "routing", "aliases", "rewrite")
 _DKIM_KEYS = ("domain", "selector", "key_file")
 _SERVER_KEYS = ("hostname", "spool", "log_format", "max_hops", "bounce_from", "stop_timeout")
 _TLS_KEYS = ("cert", "key")
@@ -437,6 +439,10 @@ def _validate(text: str, source: str) -> Config:
         auth=auth,
         routes=routes,
         dkim=dkim,
+        routing=parse_routing(source, data.get("routing"), frozenset(routes),
+                              frozenset(seen)),
+        aliases=parse_aliases_section(source, data.get("aliases")),
+        rewrite=parse_rewrite(source, data["rewrite"]) if "rewrite" in data else None,
     )
 
 

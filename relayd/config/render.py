@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from relayd.config.routing import render_routing
 from relayd.config.types import Config, Limits, Smarthost
 from relayd.config.units import format_duration, format_rate, format_size, key_label, toml_string
 
@@ -177,6 +178,7 @@ def render(config: Config) -> str:
         w.set("selector", toml_string(entry.selector))
         w.set("key_file", toml_string(entry.key_file))
 
+    w.lines += render_routing(config.routing, config.aliases, config.rewrite)
     return "\n".join(w.lines) + "\n"
 
 

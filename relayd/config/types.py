@@ -9,10 +9,13 @@ read from TOML (:mod:`relayd.config.parser`) or written back
 from __future__ import annotations
 
 import ipaddress
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 from attrs import field, frozen
+
+if TYPE_CHECKING:
+    from relayd.config.routing import AliasesConfig, RewriteConfig, RoutingRule
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -229,6 +232,10 @@ class Config:
     auth: dict[str, AuthBackendConfig] = field(factory=dict)
     routes: dict[str, RouteConfig] = field(factory=dict)
     dkim: tuple[DkimConfig, ...] = ()
+    #: [[routing]], [aliases], [rewrite] (relayd.config.routing); None: absent.
+    routing: tuple[RoutingRule, ...] = ()
+    aliases: AliasesConfig | None = None
+    rewrite: RewriteConfig | None = None
 
     def concurrency(self) -> dict[str, int]:
         """Attempts in flight per route, as every route's config says: the

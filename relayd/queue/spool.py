@@ -44,7 +44,15 @@ from relayd.queue.journal import state_json, with_state
 
 log = Logger(namespace="relayd.queue")
 
-FORMAT_VERSION = 1
+#: The envelope line's ``"v"``.  2 (routing): per-recipient ``routes`` and
+#: ``originals`` in the envelope.  A version-1 file (written before routing)
+#: reads as version 2 with every recipient on the envelope's ``route``, which
+#: is exactly what it meant: that is the whole upgrade, done at read time, so
+#: a spool survives the package upgrade without a conversion step.  A newer
+#: version than this is refused (moved to corrupt/ for a human) rather than
+#: misread by an older relayd after a downgrade.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 #: Content held in memory before it goes to the tmp file.  Most relay mail is
 #: far smaller, and for it the whole file is written by one writev at commit.
 SPILL_THRESHOLD = 1024 * 1024
@@ -77,7 +85,7 @@ def read_envelope(f: Any, size: int) -> tuple[Envelope, int]:
         raise CorruptMessage("no envelope line")
     try:
         record = json.loads(line)
-        if record.get("v") != FORMAT_VERSION:
+        if record.get("v") not in READABLE_VERSIONS:
             raise CorruptMessage(f"unknown format version {record.get('v')!r}")
         envelope = Envelope.from_json(record["envelope"])
     except (ValueError, KeyError, TypeError) as e:

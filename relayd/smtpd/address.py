@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import re
 
+from relayd.address import split_address
+
+__all__ = ["AddressSyntaxError", "parse_params", "parse_path", "split_address"]
+
 _SOURCE_ROUTE = re.compile(r"^@[^:]*:")
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>]")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -68,31 +72,6 @@ def _check(address: str) -> None:
         raise AddressSyntaxError("control character in address")
     if domain is not None and (not domain or not local):
         raise AddressSyntaxError("empty domain or local part")
-
-
-def split_address(address: str) -> tuple[str, str | None]:
-    """``(local_part, domain)`` split at the last ``@`` outside quotes.
-
-    A quoted local part may itself contain ``@`` (``"a@b"@example.org``); the
-    domain is what follows the last unquoted one, which is where the mail
-    is actually routed.
-    """
-    quoted = False
-    at = -1
-    i = 0
-    while i < len(address):
-        c = address[i]
-        if quoted and c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            quoted = not quoted
-        elif c == "@" and not quoted:
-            at = i
-        i += 1
-    if at < 0:
-        return address, None
-    return address[:at], address[at + 1 :]
 
 
 def parse_params(text: str) -> list[tuple[str, str | None]]:

@@ -9,44 +9,27 @@ lists are checked only after that and can only narrow it.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 
 from attrs import frozen
 
+from relayd.address import address_key, address_pattern, routes_onward
 from relayd.config import ListenerConfig
 from relayd.errors import SMTPReply
+from relayd.interfaces import ISession, ISubmissionSink
+from relayd.ipaddr import IPNetwork as Network
 from relayd.ipaddr import in_networks
+from relayd.routing import Resolution
 from relayd.smtpd.address import split_address
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _pattern(text: str) -> re.Pattern[str]:
-    """``*@example.org``, ``app@example.org``, ``example.org`` (any user).
-
-    Only ``*`` is special; matching ignores case, as Postfix tables do.
-    """
-    text = text.strip().lower()
-    if "@" not in text:
-        text = "*@" + text
-    return re.compile("".join(".*" if c == "*" else re.escape(c) for c in text) + r"\Z", re.S)
+_pattern = address_pattern
 
 
 def _canonical(address: str) -> tuple[str, str, str | None]:
     """Lower-cased ``local@domain`` for matching, plus its parts."""
     local, domain = split_address(address)
-    if domain is None:
-        return local.lower(), local, None
-    domain = domain.lower().rstrip(".")
-    return f"{local.lower()}@{domain}", local, domain
-
-
-def _routing_in_local_part(local: str) -> bool:
-    """``user%host@``, ``host!user@``, ``"user@host"@``: mail the next hop may
-    route onwards to a domain other than the one we checked."""
-    return any(c in local for c in "%!@")
+    return address_key(address), local, domain
 
 
 @frozen
@@ -89,7 +72,7 @@ class ListenerPolicy:
         if not self.allowed_recipients:
             return
         key, local, domain = _canonical(recipient)
-        if domain is None or _routing_in_local_part(local) or not _matches(
+        if domain is None or routes_onward(local) or not _matches(
             self.allowed_recipients, key
         ):
             raise SMTPReply(550, "5.7.1", f"<{recipient}>: Recipient address rejected: not allowed")
@@ -129,3 +112,27 @@ class UserSenders:
                 553, "5.7.1",
                 f"<{sender}>: Sender address rejected: not owned by user {self.user}",
             )
+
+
+def accept_recipient(sink: ISubmissionSink, policy: ListenerPolicy, session: ISession | None,
+                     sender: str, recipient: str, permitted: bool) -> Resolution:
+    """The RCPT decision: alias table, relay permission, ``[[routing]]`` rejects.
+
+    An address the alias table lists needs no relay permission (design §1:
+    alias domains take mail from any client, for listed addresses only);
+    everything else must pass the listener's relay check first, so a client
+    that may not relay learns nothing about the rules.
+
+    :return: the sink's routing answer, handed back to it at DATA.
+    :raise SMTPReply: the refusal (550 5.1.1 unknown alias, 550 5.7.1 relay
+        access denied, a rule's reject, ...).
+    """
+    assert session is not None
+    routed = sink.route_recipient(session, sender, recipient)
+    assert isinstance(routed, Resolution)
+    if not routed.alias:
+        policy.check_recipient(recipient, permitted)
+    rejected = routed.rejected
+    if rejected is not None:
+        raise rejected.smtp_reply
+    return routed

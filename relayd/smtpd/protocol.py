@@ -46,7 +46,7 @@ from relayd.netio import write_now
 from relayd.smtpd.connection import CLOSING, COMMAND
 from relayd.smtpd.intake import MessageIntake
 from relayd.smtpd.lines import line_limit
-from relayd.smtpd.policy import UserSenders
+from relayd.smtpd.policy import UserSenders, accept_recipient
 from relayd.smtpd.rejectlog import Rejects
 from relayd.smtpd.sasl import AUTH_BACKEND_TIMEOUT, AUTH_FAILURE_DELAY, SASLServer
 from relayd.smtpd.transaction import Session, Transaction, parse_mail, parse_rcpt
@@ -448,8 +448,9 @@ class SMTPServerProtocol(MessageIntake):
             if self._overshoot > RECIPIENT_OVERSHOOT_LIMIT:
                 self._count_error()
             return
-        self._policy.check_recipient(recipient, self._permitted)
-        tx.add_recipient(recipient, dsn)
+        routed = accept_recipient(self._f.sink, self._policy, self._session, tx.mail.sender,
+                                  recipient, self._permitted)
+        tx.add_recipient(recipient, dsn, routed)
         self.reply(250, "2.1.5", "Ok")
 
     def do_RSET(self, arg: bytes) -> None:

@@ -126,6 +126,8 @@ class Transaction:
     recipients: list[str] = field(factory=list)
     #: Recipients that gave NOTIFY or ORCPT, with them.
     dsn: list[tuple[str, RecipientDSN]] = field(factory=list)
+    #: recipient -> the sink's routing answer at RCPT (handed back at DATA).
+    routed: dict[str, object] = field(factory=dict)
     receiver: IMessageReceiver | None = None
     error: SMTPReply | None = None
     size: int = 0
@@ -133,21 +135,26 @@ class Transaction:
     #: DATA is refused, RFC 3030 §2).
     chunks: ChunkReader | None = None
 
-    def add_recipient(self, recipient: str, dsn: RecipientDSN | None = None) -> None:
+    def add_recipient(self, recipient: str, dsn: RecipientDSN | None = None,
+                      routed: object = None) -> None:
         # A duplicate is accepted and delivered once (Postfix's cleanup
         # drops duplicates too), with the DSN parameters it came with first.
         if recipient not in self.recipients:
             self.recipients.append(recipient)
             if dsn is not None and dsn != RecipientDSN():
                 self.dsn.append((recipient, dsn))
+            if routed is not None:
+                self.routed[recipient] = routed
 
     def open(self, sink: ISubmissionSink, session: ISession) -> None:
         """Content is about to flow (DATA answered 354, or the first BDAT)."""
         m = self.mail
         request = DSNRequest(m.ret, m.envid, tuple(self.dsn))
+        routed = tuple(self.routed[r] for r in self.recipients if r in self.routed)
         self.receiver = sink.open_message(
             session, m.sender, tuple(self.recipients), m.smtputf8, m.body,
             dsn=request if request else None,
+            routed=routed if len(routed) == len(self.recipients) else None,
         )
 
     def write(self, content: bytes, max_size: int) -> Deferred[None] | None:

@@ -15,6 +15,7 @@ from relayd.interfaces import (
     ISession,
     ISubmissionSink,
 )
+from relayd.routing import Context, Resolution, Router
 
 
 @attrs.define
@@ -132,6 +133,9 @@ class RecordingSink:
         self.pending: list[RecordingReceiver] = []
         self.aborted: list[RecordingReceiver] = []
         self.capacity_checks = 0
+        self.router = Router()
+        #: The ``routed`` answers the last ``open_message`` was given.
+        self.routed: tuple[object, ...] | None = None
         self._counter = 0
 
     def next_queue_id(self) -> str:
@@ -143,6 +147,13 @@ class RecordingSink:
         if self.full:
             raise QueueFull()
 
+    def route_recipient(self, session: ISession, sender: str, recipient: str) -> Resolution:
+        """``router``'s answer (default: no rules, no aliases: every
+        recipient takes the listener's route)."""
+        return self.router.resolve(recipient, Context(
+            sender=sender, listener=session.listener, route=session.route, user=session.user,
+            client=session.client_address))
+
     def open_message(
         self,
         session: ISession,
@@ -151,7 +162,9 @@ class RecordingSink:
         smtputf8: bool,
         body: str | None,
         dsn: DSNRequest | None = None,
+        routed: tuple[object, ...] | None = None,
     ) -> RecordingReceiver:
+        self.routed = routed
         message = RecordedMessage(
             session=session,
             helo=session.helo,
