@@ -369,11 +369,17 @@ class RecipientResult:
         (permanent: the sender gets a DSN).
     :param reply: the reply as the mail log and the DSN show it, e.g.
         ``550 5.1.1 <x@y>: Recipient address rejected``.
+    :param route: the route that carried it, when a message went out over
+        several (``relayd.fanout``); ``""``: the attempt's route.
+    :param relay: where that route's transaction went; ``""``: the
+        attempt's relay.
     """
 
     recipient: str
     status: str
     reply: str
+    route: str = ""
+    relay: str = ""
 
 
 @frozen

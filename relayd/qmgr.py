@@ -48,6 +48,7 @@ from relayd.envelope import (
     RecipientResult,
 )
 from relayd.errors import DeliveryError
+from relayd.fanout import deliver_by_route
 from relayd.interfaces import ICourier, IQueueArrival, IRetryPolicy, ISpool
 from relayd.metrics import Metrics
 from relayd.queue.activity import Activity
@@ -76,11 +77,12 @@ _TO_LINE_REUSED = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} conn_use
 def _events(now: float, route: str, relay: str,
             outcomes: Sequence[RecipientResult]) -> list[Event]:
     """Per-recipient outcomes as history events: one per status and reply."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
     for o in outcomes:
-        groups.setdefault((o.status, o.reply), []).append(o.recipient)
-    return [Event.of(now, status, rcpts, route, relay, reply)
-            for (status, reply), rcpts in groups.items()]
+        key = (o.status, o.reply, o.route or route, o.relay or relay)
+        groups.setdefault(key, []).append(o.recipient)
+    return [Event.of(now, status, rcpts, rroute, rrelay, reply)
+            for (status, reply, rroute, rrelay), rcpts in groups.items()]
 
 
 @implementer(IQueueArrival, IAttempts)
@@ -287,8 +289,20 @@ class QueueManager(Service):
         courier = self._couriers.get(route)
         started = self._clock.seconds()
         holder: dict[str, Content] = {}
-        if courier is None:
-            d: Deferred[Any] = Deferred()
+        groups = message.envelope.by_route(pending(message))
+        if set(groups) != {route}:
+            # [[routing]] sent some recipients elsewhere: one transaction
+            # per route, one outcome per recipient (relayd.fanout).
+            loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
+
+            def fan_out(data: Content) -> Deferred[DeliveryResult]:
+                holder["content"] = data
+                return deliver_by_route(self._couriers, message.queue_id, message.envelope,
+                                        groups, data, self._clock.seconds, self._route_done)
+
+            d: Deferred[Any] = loaded.addCallback(fan_out)
+        elif courier is None:
+            d = Deferred()
             d.errback(DeliveryError(f"no route named {route!r} in the configuration"))
         else:
             loaded = succeed(content) if content is not None else self._spool.load(message.queue_id)
@@ -309,7 +323,11 @@ class QueueManager(Service):
                    holder: dict[str, Content]) -> Deferred[None]:
         route = message.envelope.route
         now = self._clock.seconds()
-        self._metrics.delivery_seconds.labels(route).observe(now - started)
+        # Outcomes that name their route come from relayd.fanout, which has
+        # timed and recorded each route itself.
+        fanned = any(o.route for o in result.recipients)
+        if not fanned:
+            self._metrics.delivery_seconds.labels(route).observe(now - started)
         outcomes = result.recipients or tuple(
             RecipientResult(r, SENT, result.reply) for r in pending(message)
         )
@@ -320,16 +338,17 @@ class QueueManager(Service):
         line = _TO_LINE_REUSED if result.conn_use > 1 else _TO_LINE
         for o in outcomes:
             maillog.info(
-                line, queue_id=message.queue_id, rcpt=o.recipient, route=route,
-                relay=result.relay, conn_use=result.conn_use,
+                line, queue_id=message.queue_id, rcpt=o.recipient, route=o.route or route,
+                relay=o.relay or result.relay, conn_use=result.conn_use,
                 delay=now - message.envelope.arrival, status=o.status, reply=o.reply,
             )
         sent = [o for o in outcomes if o.status == SENT]
         bounced = [o for o in outcomes if o.status == BOUNCED]
         deferred = [o for o in outcomes if o.status == DEFERRED]
-        if sent:
-            self.activity.count(route, SENT, now)
-            self.activity.succeeded(route, now)
+        for sent_route in dict.fromkeys(o.route or route for o in sent):
+            self.activity.count(sent_route, SENT, now)
+            if not fanned:
+                self.activity.succeeded(route, now)
         done = tuple(message.done) + tuple(o.recipient for o in sent)
         d = self._bounce(message, bounced, holder.get("content"), remote=result.relay)
 
@@ -342,10 +361,11 @@ class QueueManager(Service):
             # A recipient refused (bounced or deferred) is the route's last
             # error for the status page, though the rest may have gone.
             refused = waiting or bounced
-            if refused:
+            if refused and not fanned:
                 self.activity.failed(route, now, refused[0].reply)
             outcome = bounced if bounce_queued else [
-                RecipientResult(o.recipient, DEFERRED, o.reply + NOT_QUEUED) for o in bounced]
+                RecipientResult(o.recipient, DEFERRED, o.reply + NOT_QUEUED, o.route, o.relay)
+                for o in bounced]
             current = current.with_events(*_events(now, route, result.relay,
                                                    sent + outcome + deferred))
             if not waiting:
@@ -353,6 +373,15 @@ class QueueManager(Service):
             return self._defer(current, waiting[0].reply, now, relay=result.relay)
 
         return self._bounce_outcome(d, message).addCallback(settle)
+
+    def _route_done(self, route: str, seconds: float, error: str | None) -> None:
+        """One route's part of a fanned-out attempt (relayd.fanout) is over."""
+        self._metrics.delivery_seconds.labels(route).observe(seconds)
+        now = self._clock.seconds()
+        if error is None:
+            self.activity.succeeded(route, now)
+        else:
+            self.activity.failed(route, now, error)
 
     def _bounce_outcome(self, d: Deferred[None], message: QueuedMessage) -> Deferred[bool]:
         """True once the DSN is durable; False (logged) if it could not be queued."""
