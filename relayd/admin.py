@@ -168,6 +168,22 @@ def history_line(event: dict[str, Any]) -> str:
     return " ".join(words)
 
 
+def _recipient(entry: dict[str, Any], rcpt: str, pending: bool) -> str:
+    """``<r>``, with its route when [[routing]] chose another than the
+    message's, the address it was sent to when an alias changed it, and
+    whether it is done."""
+    notes = []
+    route = entry.get("recipient_routes", {}).get(rcpt, entry["route"])
+    if route != entry["route"]:
+        notes.append(f"route={route}")
+    orig = entry.get("orig_to", {}).get(rcpt)
+    if orig:
+        notes.append(f"orig_to=<{orig}>")
+    if not pending:
+        notes.append("done")
+    return f"<{rcpt}>" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def print_show(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
     """``relayd queue show``: the envelope, then the history in time order."""
     if as_json:
@@ -181,7 +197,7 @@ def print_show(entry: dict[str, Any], out: TextIO, as_json: bool) -> None:
         ("queue id", entry["id"]),
         ("state", f"{state} (attempts: {entry['attempts']})"),
         ("sender", f"<{entry['sender']}>"),
-        ("recipients", ", ".join(f"<{r}>" + ("" if r in pending else " (done)")
+        ("recipients", ", ".join(_recipient(entry, r, r in pending)
                                  for r in entry.get("all_recipients", entry["recipients"]))),
         ("route", entry["route"]),
         ("arrival", f"{_utc(entry['arrival'])} ({_human_age(entry['age'])} ago)"),

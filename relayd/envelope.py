@@ -353,6 +353,8 @@ def message_details(message: QueuedMessage) -> dict[str, Any]:
     e = message.envelope
     return {
         "all_recipients": list(e.recipients), "done": list(message.done), "helo": e.helo,
+        "recipient_routes": {r: e.route_of(r) for r in e.recipients},
+        "orig_to": {r: o for r, o in zip(e.recipients, e.originals) if o},
         "client_address": e.client_address, "user": e.user, "held": message.held,
         "history": history_json(message), "history_omitted": message.history_omitted,
     }

@@ -68,10 +68,15 @@ CONTENT_MEMORY_BUDGET = 8 * 1024 * 1024
 NOT_QUEUED = " (the non-delivery notification could not be queued)"
 
 
-_TO_LINE = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} delay={delay:.2f} "
+_TO_LINE = ("{queue_id}: to=<{rcpt}>{orig} route={route} relay={relay} delay={delay:.2f} "
             "status={status} ({reply})")
-_TO_LINE_REUSED = ("{queue_id}: to=<{rcpt}> route={route} relay={relay} conn_use={conn_use} "
+_TO_LINE_REUSED = ("{queue_id}: to=<{rcpt}>{orig} route={route} relay={relay} conn_use={conn_use} "
                    "delay={delay:.2f} status={status} ({reply})")
+
+
+def _orig(original: str) -> str:
+    """`` orig_to=<...>`` for a recipient an alias produced (Postfix's field)."""
+    return f" orig_to=<{original}>" if original else ""
 
 
 def _events(now: float, route: str, relay: str,
@@ -339,6 +344,8 @@ class QueueManager(Service):
         for o in outcomes:
             maillog.info(
                 line, queue_id=message.queue_id, rcpt=o.recipient, route=o.route or route,
+                orig_to=message.envelope.original_of(o.recipient),
+                orig=_orig(message.envelope.original_of(o.recipient)),
                 relay=o.relay or result.relay, conn_use=result.conn_use,
                 delay=now - message.envelope.arrival, status=o.status, reply=o.reply,
             )
@@ -410,8 +417,9 @@ class QueueManager(Service):
         recipients = pending(current)
         if permanent:
             for rcpt in recipients:
-                maillog.info("{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} "
+                maillog.info("{queue_id}: to=<{rcpt}>{orig} route={route} delay={delay:.2f} "
                              "status=bounced ({reason})", queue_id=message.queue_id, rcpt=rcpt,
+                             orig=_orig(message.envelope.original_of(rcpt)),
                              route=route, delay=now - message.envelope.arrival, reason=reason)
             failed = [RecipientResult(r, BOUNCED, reason) for r in recipients]
             d = self._bounce(current, failed, holder.get("content"))
@@ -423,8 +431,9 @@ class QueueManager(Service):
                 lambda ok: self._forget(final) if ok else self._retry_later(kept, reason, now)
             )
         for rcpt in recipients:
-            maillog.info("{queue_id}: to=<{rcpt}> route={route} delay={delay:.2f} "
+            maillog.info("{queue_id}: to=<{rcpt}>{orig} route={route} delay={delay:.2f} "
                          "status=deferred ({reason})", queue_id=message.queue_id, rcpt=rcpt,
+                             orig=_orig(message.envelope.original_of(rcpt)),
                          route=route, delay=now - message.envelope.arrival, reason=reason)
         current = current.with_events(Event.of(now, DEFERRED, recipients, route, reply=reason))
         return self._defer(current, reason, now)

@@ -55,7 +55,7 @@ def test_each_route_its_own_transaction_and_outcomes() -> None:
     assert b"b@two.example" in dsn.content and b"550 5.7.1 relay not permitted" in dsn.content
     assert b"a@one.example" not in dsn.content and b"c@three.example" not in dsn.content
     # The message waits for c only.
-    entry = h.qm.describe(qid)
+    entry = h.qm.state.describe(qid)
     assert entry is not None
     assert entry["recipients"] == ["c@three.example"]
     assert set(entry["done"]) == {"a@one.example", "b@two.example", "d@one.example"}
@@ -64,7 +64,7 @@ def test_each_route_its_own_transaction_and_outcomes() -> None:
     h.clock.advance(61 * 1.2)
     assert [a.envelope.recipients for a in google.attempts] == [("c@three.example",)] * 2
     assert len(exchange.attempts) == 1
-    assert h.qm.describe(qid) is None  # c went: the message is done
+    assert h.qm.state.describe(qid) is None  # c went: the message is done
 
 
 def test_single_other_route_and_missing_route() -> None:
@@ -75,5 +75,5 @@ def test_single_other_route_and_missing_route() -> None:
     qid = queue(h, env).queue_id
     h.clock.advance(0)
     assert default.attempts == []  # never through the listener's route by mistake
-    entry = h.qm.describe(qid)
+    entry = h.qm.state.describe(qid)
     assert entry is not None and "no route named 'removed'" in entry["last_error"]
