@@ -46,7 +46,8 @@ def test_each_route_its_own_transaction_and_outcomes() -> None:
     lines = [line for line in log.lines if "to=<" in line]
     assert any("to=<a@one.example> route=default relay=default.test" in x and "status=sent" in x
                for x in lines)
-    assert any("to=<b@two.example> route=exchange" in x and "status=bounced" in x for x in lines)
+    assert any("to=<b@two.example> orig_to=<alias@uss.example.org> route=exchange" in x
+               and "status=bounced" in x for x in lines)
     assert any("to=<c@three.example> route=google" in x and "status=deferred" in x
                for x in lines)
     # The DSN (sent over the message's own route) names only b.
