@@ -61,6 +61,6 @@ def test_reject_rule_answered_at_rcpt_and_logged(client: str) -> None:
     c.send("MAIL FROM:<app@sender.example>\r\n")
     with LogCapture() as logs:
         assert c.send("RCPT TO:<x@Blocked.Example>\r\n") == ["550 5.7.1 Not relayed here"]
-    assert any("NOQUEUE: reject: RCPT from [127.0.0.1]: 550 5.7.1 Not relayed here" in line
+    assert any("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.7.1 Not relayed here" in line
                and "to=<x@Blocked.Example>" in line for line in logs.lines)
     assert c.send("RCPT TO:<x@example.net>\r\n") == ["250 2.1.5 Ok"]
