@@ -7,7 +7,7 @@ from __future__ import annotations
 from relayd.envelope import Envelope
 from relayd.errors import PermanentDeliveryError, TransientDeliveryError
 from relayd.testing import LogCapture, RecordingCourier
-from tests.test_qmgr import NOW, make
+from tests.unit.test_qmgr import NOW, make
 
 ROUTED = Envelope(
     sender="s@example.org", route="default", arrival=NOW, listener="mta",
